@@ -1,0 +1,124 @@
+"""Side-by-side kernel timings: ours vs the PyTorch reference (eager and torch.compile), one process, one table.
+
+    python bench/compare.py                 # every suite; on a GPU at real shapes
+    python bench/compare.py --suite quant   # one suite (names: files in bench/suites/)
+
+Writes bench/results/<device>-<date>.json. On a CPU the kernels run in Triton's interpreter at tiny shapes: the
+timings there only show that the harness works and mean nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import pathlib
+import platform
+import re
+import sys
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # the kernels can only run on a CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.harness import measure_copy_bandwidth, measure_matmul_tflops, peak_memory_bytes, time_ms  # noqa: E402
+
+SUITES_DIR = ROOT / "bench" / "suites"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+
+
+def run_suite(name: str, device: torch.device, quick: bool, measure_memory: bool) -> list[dict]:
+    module = importlib.import_module(f"bench.suites.{name}")
+    rows = []
+    for case in module.cases(device, quick):
+        row = {"suite": case.suite, "case": case.name, "shape": case.shape, "ms": {}, "peak_bytes": {},
+               "bytes_moved": case.bytes_moved, "flops": case.flops, **case.notes}
+        for impl, fn in case.impls.items():
+            try:
+                row["ms"][impl] = time_ms(fn, device)
+                if measure_memory:
+                    row["peak_bytes"][impl] = peak_memory_bytes(fn, device)
+            except Exception as exc:  # one failing implementation (e.g. compile OOM) must not hide the others
+                row["ms"][impl] = None
+                row.setdefault("errors", {})[impl] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    ms = row["ms"]
+    ours = ms.get("ours")
+    parts = [f"{row['suite']:<10} {row['case']:<34} {row['shape']:<24}"]
+    for impl, t in ms.items():
+        parts.append(f"{impl}={t:.3f}ms" if t is not None else f"{impl}=FAIL")
+    if ours:
+        for impl, t in ms.items():
+            if impl != "ours" and t:
+                parts.append(f"x{t / ours:.2f} vs {impl}")
+        if row.get("bytes_moved"):
+            parts.append(f"{row['bytes_moved'] / (ours * 1e-3) / 1e9:.0f} GB/s")
+        if row.get("flops"):
+            parts.append(f"{row['flops'] / (ours * 1e-3) / 1e12:.0f} TFLOP/s")
+    return "  ".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="all", help="comma-separated suite names, or 'all'")
+    p.add_argument("--quick", action="store_true", help="fewest shapes (forced on the CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    available = sorted(f.stem for f in SUITES_DIR.glob("*.py") if not f.stem.startswith("_"))
+    names = available if args.suite == "all" else args.suite.split(",")
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        p.error(f"unknown suite(s) {unknown}; available: {available}")
+    if device.type == "cpu":
+        print("NOTE: no CUDA device: kernels run in Triton's interpreter at tiny shapes; "
+              "these timings mean nothing about speed.", flush=True)
+
+    meta = {
+        "device": device_name(device),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": importlib.import_module("triton").__version__,
+        "cuda": torch.version.cuda,
+        "interpreter": device.type == "cpu",
+        "copy_bandwidth_GBps": measure_copy_bandwidth(device),
+        "bf16_matmul_TFLOPs": measure_matmul_tflops(device),
+    }
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for name in names:
+        rows += run_suite(name, device, quick, measure_memory=not args.no_memory)
+
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
+    out = pathlib.Path(args.out) if args.out else ROOT / "bench" / "results" / f"{slug}-{meta['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+    print("\n".join(format_row(r) for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Timing and memory harness shared by every benchmark suite (see bench/compare.py).
+
+A suite is a module in bench/suites/ with ``cases(device, quick) -> iterable of Case``. Each Case names zero-argument
+callables, one per implementation, run side by side in one process; bytes/flops give the floor and achieved rates.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    suite: str
+    name: str                                   # e.g. "ternarize_absmean fwd"
+    shape: str                                  # human-readable problem size, e.g. "M=8192 K=2048"
+    impls: dict[str, Callable[[], object]]      # implementation name -> zero-arg callable
+    bytes_moved: float | None = None            # fewest bytes the op must move (each input read once, output once)
+    flops: float | None = None                  # arithmetic of the op, for matrix-bound cases
+    notes: dict = field(default_factory=dict)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn``: CUDA events through triton.testing.do_bench on GPU, a host clock on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak device memory allocated while ``fn`` runs, above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(device: torch.device, n: int = 8192) -> float | None:
+    """bf16 matrix rate (TFLOP/s) of one large cuBLAS product on random data."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12

@@ -1,0 +1,89 @@
+"""Pure-PyTorch twins of the quantization kernels in ``bitkernels.ops``, name for name.
+
+They are the ground truth of the tests and the path taken wherever Triton cannot run. Every quantity is computed in
+float32 with the same operation order as the kernels, so codes match exactly wherever the scale is order-independent
+(absmax); where a sum is involved (absmean, RMS) the kernels may differ in the last bit of the scale.
+
+Rounding rule: round half to even (``torch.round``), mirrored in the kernels.
+Scales: weight codes dequantize as ``codes * scale`` with ``scale = max(mean|W|, eps)``; activation codes as
+``codes * scale`` with ``scale = max(absmax, eps) / 127``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QMAX = 127
+WEIGHT_EPS = 1e-5
+ACT_EPS = 1e-5
+
+
+def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    # Forward value is exactly `quantized` (x - x == 0 for finite x); the gradient is that of identity.
+    return quantized + (x - x.detach())
+
+
+def absmean_scale(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS) -> torch.Tensor:
+    w32 = w.detach().float()
+    s = w32.abs().mean(dim=1) if per_channel else w32.abs().mean()
+    return s.clamp_min(eps)
+
+
+def ternarize_with_scale(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Ternary codes of ``w`` for a given absmean scale (scalar, or one per row)."""
+    s = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.dim() == 1 else scale
+    return torch.round(w.detach().float() / s).clamp_(-1, 1).to(torch.int8)
+
+
+def ternarize_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS):
+    """``w`` -> (int8 codes in {-1, 0, 1}, float32 scale ``mean|w|``: shape [] or [rows] if ``per_channel``)."""
+    scale = absmean_scale(w, per_channel, eps)
+    return ternarize_with_scale(w, scale), scale
+
+
+def quantize_activations_int8(x: torch.Tensor, eps: float = ACT_EPS):
+    """Per-token absmax int8: ``x`` [..., K] -> (int8 codes [..., K], float32 scale [...] = absmax / 127)."""
+    x32 = x.detach().float()
+    absmax = x32.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    codes = torch.round(x32 * (QMAX / absmax)).clamp_(-QMAX - 1, QMAX).to(torch.int8)
+    return codes, (absmax / QMAX).squeeze(-1)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm in float32, returned in float32 (the fused kernels never round the normalized value)."""
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+
+
+def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, act_eps: float = ACT_EPS):
+    """SubLN RMSNorm followed by per-token absmax int8: -> (int8 codes, float32 scale [...])."""
+    return quantize_activations_int8(rmsnorm(x.detach(), weight.detach(), eps), act_eps)
+
+
+# Differentiable fake-quantized forms (straight-through estimator): value of the quantized tensor, gradient of
+# identity (of the RMSNorm where fused). Outputs take the input's dtype.
+
+def fake_quantize_weight(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS) -> torch.Tensor:
+    codes, scale = ternarize_absmean(w, per_channel, eps)
+    s = scale.unsqueeze(1) if per_channel else scale
+    return _straight_through(w, (codes.float() * s).to(w.dtype))
+
+
+def fake_quantize_activations(x: torch.Tensor, eps: float = ACT_EPS) -> torch.Tensor:
+    codes, scale = quantize_activations_int8(x, eps)
+    return _straight_through(x, (codes.float() * scale.unsqueeze(-1)).to(x.dtype))
+
+
+def rmsnorm_fake_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                          act_eps: float = ACT_EPS) -> torch.Tensor:
+    y = rmsnorm(x, weight, eps)
+    codes, scale = quantize_activations_int8(y, act_eps)
+    return _straight_through(y, codes.float() * scale.unsqueeze(-1)).to(x.dtype)
+
+
+def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6, per_channel: bool = False):
+    """BitLinear forward: (SubLN) -> int8 activations -> ternary weights -> matmul, all fake-quantized."""
+    xq = fake_quantize_activations(x) if norm_weight is None else rmsnorm_fake_quantize(x, norm_weight, norm_eps)
+    wq = fake_quantize_weight(weight, per_channel)
+    return F.linear(xq, wq.to(xq.dtype), None if bias is None else bias.to(xq.dtype))
