@@ -1,20 +1,16 @@
-"""Functional API: checks the inputs, then runs the Triton op or its PyTorch reference (see ``bitkernels.backend``).
-
-Every function here has a twin of the same name in ``bitkernels.ops`` (Triton) and ``bitkernels.reference``.
-"""
+"""Quantization ops: checks the inputs, then runs the Triton op or its PyTorch reference (``bitkernels.backend``)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import reference
-from ._validation import check_float, check_min_dim, check_norm_weight, check_same_device
-from .backend import use_triton
-from .reference.quantization import ACT_EPS, WEIGHT_EPS
+from .. import reference
+from .._validation import check_float, check_min_dim, check_norm_weight
+from ..backend import use_triton
+from ..reference.quantization import ACT_EPS, WEIGHT_EPS
 
 
-def _ops():
-    from . import ops  # imported lazily: Triton is optional
+def ops_module():
+    from .. import ops  # imported lazily: Triton is optional
 
     return ops
 
@@ -28,7 +24,7 @@ def _check_weight(w: torch.Tensor, per_channel: bool) -> None:
 def ternarize_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS, *, backend=None):
     """Ternary weights: -> (int8 codes in {-1, 0, 1}, float32 scale ``mean|w|``, shape [] or [out] if per_channel)."""
     _check_weight(w, per_channel)
-    impl = _ops() if use_triton(backend, w) else reference
+    impl = ops_module() if use_triton(backend, w) else reference
     return impl.ternarize_absmean(w, per_channel, eps)
 
 
@@ -36,7 +32,7 @@ def quantize_activations_int8(x: torch.Tensor, eps: float = ACT_EPS, *, backend=
     """Per-token int8: ``x`` [..., K] -> (int8 codes [..., K], float32 scale [...] = absmax/127)."""
     check_float("x", x)
     check_min_dim("x", x, 1)
-    impl = _ops() if use_triton(backend, x) else reference
+    impl = ops_module() if use_triton(backend, x) else reference
     return impl.quantize_activations_int8(x, eps)
 
 
@@ -46,14 +42,14 @@ def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e
     check_float("x", x)
     check_min_dim("x", x, 1)
     check_norm_weight(x, weight)
-    impl = _ops() if use_triton(backend, x, weight) else reference
+    impl = ops_module() if use_triton(backend, x, weight) else reference
     return impl.rmsnorm_quantize_int8(x, weight, eps, act_eps)
 
 
 def fake_quantize_weight(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS, *, backend=None):
     """``codes * scale`` in ``w``'s dtype; gradient of identity (straight-through estimator)."""
     _check_weight(w, per_channel)
-    impl = _ops() if use_triton(backend, w) else reference
+    impl = ops_module() if use_triton(backend, w) else reference
     return impl.fake_quantize_weight(w, per_channel, eps)
 
 
@@ -61,7 +57,7 @@ def fake_quantize_activations(x: torch.Tensor, eps: float = ACT_EPS, *, backend=
     """Per-token int8 fake quantization in ``x``'s dtype; gradient of identity (straight-through estimator)."""
     check_float("x", x)
     check_min_dim("x", x, 1)
-    impl = _ops() if use_triton(backend, x) else reference
+    impl = ops_module() if use_triton(backend, x) else reference
     return impl.fake_quantize_activations(x, eps)
 
 
@@ -71,27 +67,5 @@ def rmsnorm_fake_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e
     check_float("x", x)
     check_min_dim("x", x, 1)
     check_norm_weight(x, weight)
-    impl = _ops() if use_triton(backend, x, weight) else reference
+    impl = ops_module() if use_triton(backend, x, weight) else reference
     return impl.rmsnorm_fake_quantize(x, weight, eps, act_eps)
-
-
-def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6, per_channel: bool = False, *,
-              backend=None) -> torch.Tensor:
-    """BitLinear: (optional SubLN RMSNorm) -> int8 per-token activations x ternary weights, straight-through."""
-    check_float("x", x)
-    check_float("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal "
-                         f"in_features={weight.shape[1]} of weight {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    check_same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight)
-    if norm_weight is None:
-        xq = fake_quantize_activations(x, backend=backend)
-    else:
-        xq = rmsnorm_fake_quantize(x, norm_weight, norm_eps, backend=backend)
-    wq = fake_quantize_weight(weight, per_channel, backend=backend)
-    return F.linear(xq, wq.to(xq.dtype), None if bias is None else bias.to(xq.dtype))
