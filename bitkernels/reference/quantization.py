@@ -6,7 +6,9 @@ float32 with the same operation order as the kernels, so codes match exactly whe
 
 Rounding rule: round half to even (``torch.round``), mirrored in the kernels.
 Scales: weight codes dequantize as ``codes * scale`` with ``scale = max(mean|W|, eps)``; activation codes as
-``codes * scale`` with ``scale = max(absmax, eps) / 127``.
+``codes * scale`` with ``scale = max(absmax, eps) * (1/127)``. Division is done as a multiplication by the IEEE
+reciprocal (``round(w * (1/s))``, ``round(x * (127 * (1/a)))``), which is what torch's scalar division does on the
+CPU and what the kernels do with ``div_rn``; a direct ``x / a`` would differ in the last bit on rare ties.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def absmean_scale(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGH
 def ternarize_with_scale(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Ternary codes of ``w`` for a given absmean scale (scalar, or one per row)."""
     s = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.dim() == 1 else scale
-    return torch.round(w.detach().float() / s).clamp_(-1, 1).to(torch.int8)
+    return torch.round(w.detach().float() * s.reciprocal()).clamp_(-1, 1).to(torch.int8)
 
 
 def ternarize_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS):
@@ -45,8 +47,8 @@ def quantize_activations_int8(x: torch.Tensor, eps: float = ACT_EPS):
     """Per-token absmax int8: ``x`` [..., K] -> (int8 codes [..., K], float32 scale [...] = absmax / 127)."""
     x32 = x.detach().float()
     absmax = x32.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
-    codes = torch.round(x32 * (QMAX / absmax)).clamp_(-QMAX - 1, QMAX).to(torch.int8)
-    return codes, (absmax / QMAX).squeeze(-1)
+    codes = torch.round(x32 * (absmax.reciprocal() * QMAX)).clamp_(-QMAX - 1, QMAX).to(torch.int8)
+    return codes, (absmax * (1.0 / QMAX)).squeeze(-1)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

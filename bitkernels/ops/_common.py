@@ -1,0 +1,52 @@
+"""Pieces shared by the Triton quantization kernels and their launchers."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROW = 65536  # one row lives in registers; longer rows go to the reference (backend='torch')
+
+
+@triton.jit
+def round_half_to_even(v):
+    # Matches torch.round bit for bit. The frac/floor arithmetic is exact for |v| < 2**23, far above the 128 we need.
+    f = tl.floor(v)
+    d = v - f
+    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & f_is_odd), f + 1.0, f)
+
+
+@triton.jit
+def cast_to(y, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even. Triton's interpreter truncates fp32 -> bf16, so bf16 is rounded
+    here by hand (bit-identical to the GPU's cvt.rn): kernel and reference then agree on every backend."""
+    if dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    return y.to(dtype)
+
+
+def on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not whichever is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` [..., N] as [M, N] with a unit column stride (copying only when it must)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS per program, num_warps) for row-wise kernels that keep whole rows in registers."""
+    if n_cols > MAX_ROW:
+        raise ValueError(f"{name} rows of {n_cols} elements exceed the Triton kernels' limit of {MAX_ROW}; "
+                         "use backend='torch'")
+    block_n = triton.next_power_of_2(max(n_cols, 1))
+    rows = max(1, min(16, 4096 // block_n))  # short rows: several per program so each moves >= 4K elements
+    num_warps = min(16, max(1, rows * block_n // 256))
+    return block_n, rows, num_warps

@@ -1,0 +1,72 @@
+"""Per-token absmax INT8 activation quantization (BitNet b1.58): one program quantizes whole rows in registers."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.quantization import ACT_EPS
+from ._common import as_rows, cast_to, on_device, round_half_to_even, row_block
+
+
+@triton.jit
+def store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr,
+                    DEQUANTIZE: tl.constexpr):
+    """Quantize fp32 rows ``y`` [ROWS, BLOCK_N] by their absmax; store codes (or codes * scale) and the scales."""
+    # div_rn: Triton's '/' is approximate on GPUs; the codes must match the reference's IEEE reciprocal exactly.
+    inv = tl.math.div_rn(1.0, absmax) * 127.0
+    scale = absmax * (1.0 / 127.0)
+    q = round_half_to_even(y * inv[:, None])
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    if DEQUANTIZE:
+        q = q * scale[:, None]
+    out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+@triton.jit
+def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
+                                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    absmax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
+    store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+
+
+def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
+    x2 = as_rows(x)
+    m, n = x2.shape
+    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype if dequantize else torch.int8)
+    scale = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m > 0:
+        block_n, rows, num_warps = row_block(n)
+        with on_device(x):
+            _quantize_activations_kernel[(triton.cdiv(m, rows),)](
+                x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
+                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps)
+    return out.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def quantize_activations_int8(x: torch.Tensor, eps: float = ACT_EPS):
+    """``x`` [..., K] -> (int8 codes [..., K], float32 scale [...] = max(absmax, eps) / 127)."""
+    return _quantize_rows(x.detach(), eps, dequantize=False)
+
+
+class FakeQuantizeActivations(torch.autograd.Function):
+    """Forward: per-token int8 codes * scale in x's dtype. Backward: identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float):
+        return _quantize_rows(x, eps, dequantize=True)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out, None
+
+
+def fake_quantize_activations(x: torch.Tensor, eps: float = ACT_EPS) -> torch.Tensor:
+    return FakeQuantizeActivations.apply(x, eps)

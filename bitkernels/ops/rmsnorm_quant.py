@@ -1,0 +1,124 @@
+"""SubLN RMSNorm fused with per-token INT8 quantization: x is read once, the normalized row never leaves registers.
+
+Backward (straight-through through the quantizer) is the plain RMSNorm backward, from x and the saved 1/rms.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.quantization import ACT_EPS
+from ._common import as_rows, cast_to, on_device, row_block
+from .act_quant import store_int8_rows
+
+
+@triton.jit
+def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_out,
+                                 eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                                 DEQUANTIZE: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    absmax = tl.maximum(tl.max(tl.abs(y), axis=1), act_eps)
+    store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program,
+                        stride_dy, stride_x, stride_dx, BLOCK_N: tl.constexpr):
+    # Each program walks a contiguous run of rows and keeps its share of dw in registers: no atomics, deterministic.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = x * rstd
+        g = dy * w
+        c = tl.sum(g * x_hat, axis=0) / n_cols
+        dx = rstd * (g - x_hat * c)
+        tl.store(dx_ptr + row * stride_dx + cols, cast_to(dx, dx_ptr.dtype.element_ty), mask=col_mask)
+        dw += dy * x_hat
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=col_mask)
+
+
+def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, act_eps: float,
+                                  dequantize: bool = False):
+    """Rows of ``x`` [M, N] -> (int8 codes, or codes*scale in x's dtype; float32 scale [M]; float32 1/rms [M])."""
+    x2 = as_rows(x)
+    m, n = x2.shape
+    w = weight.contiguous()
+    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype if dequantize else torch.int8)
+    scale = torch.empty(m, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m > 0:
+        block_n, rows, num_warps = row_block(n)
+        with on_device(x):
+            _rmsnorm_quantize_fwd_kernel[(triton.cdiv(m, rows),)](
+                x2, w, out, scale, rstd, m, n, x2.stride(0), out.stride(0), eps, act_eps,
+                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps)
+    return out, scale, rstd
+
+
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """RMSNorm gradients from rows ``dy``, ``x`` [M, N] and the forward's 1/rms: -> (dx in x's dtype, dw)."""
+    dy2 = as_rows(dy)
+    m, n = x.shape
+    dx = torch.empty_like(x)
+    block_n, _, num_warps = row_block(n)
+    if x.is_cuda:
+        n_programs = min(m, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    else:
+        n_programs = min(m, 8)
+    n_programs = max(n_programs, 1)
+    rows_per_program = triton.cdiv(m, n_programs)
+    dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
+    if m > 0:
+        with on_device(x):
+            _rmsnorm_bwd_kernel[(n_programs,)](
+                dy2, x, weight, rstd, dx, dw_partial, m, n, rows_per_program,
+                dy2.stride(0), x.stride(0), dx.stride(0), BLOCK_N=block_n, num_warps=min(num_warps, 8))
+    else:
+        dw_partial.zero_()
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, act_eps: float = ACT_EPS):
+    """SubLN RMSNorm + per-token int8: ``x`` [..., N] -> (int8 codes [..., N], float32 scale [...])."""
+    codes, scale, _ = rmsnorm_quantize_int8_forward(x.detach(), weight.detach(), eps, act_eps)
+    return codes.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+class RMSNormFakeQuantize(torch.autograd.Function):
+    """Forward: int8 fake quantization of RMSNorm(x) * weight, in x's dtype. Backward: the RMSNorm's gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, act_eps: float):
+        x2 = as_rows(x)
+        out, _, rstd = rmsnorm_quantize_int8_forward(x2, weight, eps, act_eps, dequantize=True)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rmsnorm_backward(grad_out.reshape(x2.shape), x2, weight, rstd)
+        return dx.reshape(ctx.x_shape), dw, None, None
+
+
+def rmsnorm_fake_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                          act_eps: float = ACT_EPS) -> torch.Tensor:
+    return RMSNormFakeQuantize.apply(x, weight, eps, act_eps)

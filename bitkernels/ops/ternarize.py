@@ -1,0 +1,117 @@
+"""Absmean ternarization of weights (BitNet b1.58): codes in {-1, 0, 1} and one float32 scale (or one per row).
+
+Per-tensor: a two-stage reduction entirely on the GPU (no host sync): a fixed number of programs write partial
+sums of |w| (deterministic, no atomics), then every quantizing program reads the few partials and derives the scale.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.quantization import WEIGHT_EPS
+from ._common import as_rows, cast_to, on_device, round_half_to_even, row_block
+
+BLOCK = 4096
+MAX_PARTIALS = 1024
+
+
+@triton.jit
+def _abs_sum_partials_kernel(w_ptr, partial_ptr, numel, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, step):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.abs(tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32))
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def ternary_codes(w, scale, DEQUANTIZE: tl.constexpr):
+    # div_rn: the codes flip at |w| = scale/2, so the reciprocal must be IEEE-exact like the reference's.
+    q = tl.minimum(tl.maximum(round_half_to_even(w * tl.math.div_rn(1.0, scale)), -1.0), 1.0)
+    if DEQUANTIZE:
+        q = q * scale
+    return q
+
+
+@triton.jit
+def _ternarize_tensor_kernel(w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_partials, eps,
+                             BLOCK: tl.constexpr, PARTIALS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    pid = tl.program_id(0)
+    p = tl.arange(0, PARTIALS)
+    total = tl.sum(tl.load(partial_ptr + p, mask=p < n_partials, other=0.0), axis=0)
+    scale = tl.maximum(total / numel, eps)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = ternary_codes(w, scale, DEQUANTIZE)
+    tl.store(out_ptr + offs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ternarize_rows_kernel(w_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_w, stride_out, eps,
+                           BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.sum(tl.abs(w), axis=1) / n_cols, eps)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+    q = ternary_codes(w, scale[:, None], DEQUANTIZE)
+    out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+
+
+def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool):
+    out_dtype = w.dtype if dequantize else torch.int8
+    if per_channel:
+        w2 = as_rows(w)
+        m, n = w2.shape
+        out = torch.empty(w2.shape, device=w.device, dtype=out_dtype)
+        scale = torch.empty(m, device=w.device, dtype=torch.float32)
+        if m > 0:
+            block_n, rows, num_warps = row_block(n, "weight")
+            with on_device(w):
+                _ternarize_rows_kernel[(triton.cdiv(m, rows),)](
+                    w2, out, scale, m, n, w2.stride(0), out.stride(0), eps,
+                    BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps)
+        return out, scale
+    flat = w.contiguous().view(-1)
+    numel = flat.numel()
+    out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
+    scale = torch.empty((), device=w.device, dtype=torch.float32)
+    n_blocks = triton.cdiv(numel, BLOCK)
+    n_partials = max(1, min(n_blocks, MAX_PARTIALS))
+    partials = torch.empty(n_partials, device=w.device, dtype=torch.float32)
+    with on_device(w):
+        _abs_sum_partials_kernel[(n_partials,)](flat, partials, numel, BLOCK=BLOCK, num_warps=8)
+        _ternarize_tensor_kernel[(max(n_blocks, 1),)](
+            flat, out, partials, scale, numel, n_partials, eps,
+            BLOCK=BLOCK, PARTIALS=triton.next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8)
+    return out, scale
+
+
+def ternarize_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS):
+    """``w`` -> (int8 codes in {-1, 0, 1}, float32 scale max(mean|w|, eps): shape [] or [rows] if per_channel)."""
+    return _ternarize(w.detach(), per_channel, eps, dequantize=False)
+
+
+class FakeQuantizeWeight(torch.autograd.Function):
+    """Forward: codes * scale in w's dtype. Backward: identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, per_channel: bool, eps: float):
+        return _ternarize(w, per_channel, eps, dequantize=True)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out, None, None
+
+
+def fake_quantize_weight(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS) -> torch.Tensor:
+    return FakeQuantizeWeight.apply(w, per_channel, eps)

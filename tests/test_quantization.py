@@ -1,0 +1,175 @@
+"""Triton quantization kernels against the PyTorch reference (interpreter on CPU, realistic shapes on GPU)."""
+import pytest
+import torch
+
+import bitkernels as bk
+import bitkernels.reference as ref
+from bitkernels import ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROW_SHAPES = [
+    (1,), (5,), (3, 17), (2, 5, 300), (0, 64), (4, 1), (7, 1000), (2, 3, 4, 33),
+    pytest.param((8192, 2048), marks=pytest.mark.gpu),
+    pytest.param((4093, 9728), marks=pytest.mark.gpu),
+    pytest.param((3, 40000), marks=pytest.mark.gpu),
+]
+WEIGHT_SHAPES = [
+    (1, 1), (3, 17), (64, 48), (5, 4097), (130, 33),
+    pytest.param((3072, 1024), marks=pytest.mark.gpu),
+    pytest.param((2560, 9728), marks=pytest.mark.gpu),
+]
+
+
+def randn(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def assert_ternary_codes(codes, w, scale, per_channel):
+    assert codes.dtype == torch.int8 and codes.shape == w.shape
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    # Exact given the scale: the scale is a float sum whose last bit may differ in order from torch's.
+    torch.testing.assert_close(codes, ref.ternarize_with_scale(w, scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_quantize_activations_matches_reference_exactly(shape, dtype, device):
+    x = randn(shape, dtype, device, scale=3.0)
+    codes, scale = ops.quantize_activations_int8(x)
+    ref_codes, ref_scale = ref.quantize_activations_int8(x)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scale.shape == x.shape[:-1]
+    assert scale.dtype == torch.float32
+    # absmax is order-independent and every step is IEEE-exact: codes and scales equal bit for bit.
+    torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_activations_zero_rows_and_large_magnitudes(dtype, device):
+    big = 6e4 if dtype == torch.float16 else 1e30
+    x = randn((6, 130), dtype, device)
+    x[1] = 0
+    x[3] *= big / 8
+    x[4, 7] = big
+    codes, scale = ops.quantize_activations_int8(x)
+    ref_codes, ref_scale = ref.quantize_activations_int8(x)
+    assert torch.isfinite(scale).all()
+    assert (codes[1] == 0).all() and scale[1] == pytest.approx(1e-5 / 127)
+    assert codes[4, 7] == 127
+    torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+
+
+def test_rounding_is_half_to_even(device):
+    # absmax 127 makes the multiplier exactly 1, so the inputs are the pre-rounding values.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -127.0]], device=device)
+    codes, _ = ops.quantize_activations_int8(x)
+    assert codes.tolist() == [[127, 0, 2, 2, 0, -2, 4, -127]]
+    w = torch.tensor([[0.5, 1.5, -0.5, -1.5]], device=device)  # mean |w| = 1: w/s are exact ties
+    codes, scale = ops.ternarize_absmean(w)
+    assert scale.item() == 1.0 and codes.tolist() == [[0, 1, 0, -1]]
+    assert ref.ternarize_absmean(w)[0].tolist() == [[0, 1, 0, -1]]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES)
+def test_ternarize_absmean_matches_reference(shape, dtype, per_channel, device):
+    w = randn(shape, dtype, device, scale=0.02)
+    codes, scale = ops.ternarize_absmean(w, per_channel)
+    ref_codes, ref_scale = ref.ternarize_absmean(w, per_channel)
+    assert scale.shape == ref_scale.shape and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, ref_scale, rtol=2e-6, atol=0)
+    assert_ternary_codes(codes, w, scale, per_channel)
+    # Against the reference's own scale, only weights within rounding of the +-scale/2 threshold may differ.
+    ratio = (w.float() * (ref_scale[:, None] if per_channel else ref_scale).reciprocal()).abs()
+    differs = codes != ref_codes
+    assert ((ratio[differs] - 0.5).abs() < 1e-5).all()
+
+
+def test_ternarize_large_tensor_uses_many_partials(device):
+    w = randn((1100, 4099), torch.float32, device)  # > MAX_PARTIALS blocks: partial sums are grid-strided
+    codes, scale = ops.ternarize_absmean(w)
+    torch.testing.assert_close(scale, ref.ternarize_absmean(w)[1], rtol=2e-6, atol=0)
+    assert_ternary_codes(codes, w, scale, False)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ternarize_zero_weights_is_defined(per_channel, device):
+    w = torch.zeros(8, 20, device=device)
+    w[3] = torch.randn(20, device=device) if per_channel else 0
+    codes, scale = ops.ternarize_absmean(w, per_channel)
+    assert torch.isfinite(scale).all() and (scale >= 1e-5).all()
+    assert (codes[0] == 0).all()
+    fq = ops.fake_quantize_weight(w, per_channel)
+    assert torch.isfinite(fq).all() and (fq[0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_rmsnorm_quantize_matches_reference(shape, dtype, device):
+    x = randn(shape, dtype, device, scale=2.0)
+    w = randn(shape[-1:], dtype, device) + 1
+    codes, scale = ops.rmsnorm_quantize_int8(x, w)
+    ref_codes, ref_scale = ref.rmsnorm_quantize_int8(x, w)
+    assert codes.shape == x.shape and scale.shape == x.shape[:-1]
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
+    # 1/rms is a sum in another order: a value sitting on a rounding tie may land one code away, nothing more.
+    diff = (codes.int() - ref_codes.int()).abs()
+    assert diff.max().item() <= 1 if diff.numel() else True
+    assert diff.float().mean().item() < 1e-3 if diff.numel() else True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (3, 17), (2, 5, 300), (0, 16), (7, 1000),
+                                   pytest.param((4096, 2048), marks=pytest.mark.gpu),
+                                   pytest.param((1024, 9728), marks=pytest.mark.gpu)])
+def test_rmsnorm_fake_quantize_forward_and_gradients(shape, dtype, device):
+    x = randn(shape, dtype, device, scale=2.0)
+    w = randn(shape[-1:], dtype, device) * 0.1 + 1
+    dy = randn(shape, dtype, device)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = ops.rmsnorm_fake_quantize(xk, wk)
+    y.backward(dy)
+    # Reference gradients in float64: the quantizer is straight-through, so these are RMSNorm's.
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref.rmsnorm(xr, wr).backward(dy.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    codes, scale = ref.rmsnorm_quantize_int8(x, w)
+    y_ref = (codes.float() * scale.unsqueeze(-1)).to(dtype)
+    step = scale.unsqueeze(-1).expand_as(y).float()  # one code of difference at most (see the codes test)
+    assert ((y.float() - y_ref.float()).abs() <= step * 1.001 + 1e-6).all()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(xk.grad.double(), xr.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(wk.grad.double(), wr.grad, rtol=tol, atol=tol * max(1, shape[0] if len(shape) > 1 else 1) ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_quantizers_are_straight_through(dtype, device):
+    x = randn((4, 33), dtype, device).requires_grad_()
+    w = randn((9, 33), dtype, device).requires_grad_()
+    g = randn((4, 33), dtype, device)
+    ya = ops.fake_quantize_activations(x)
+    codes, scale = ref.quantize_activations_int8(x)
+    torch.testing.assert_close(ya, (codes.float() * scale[:, None]).to(dtype), rtol=0, atol=0)
+    ya.backward(g)
+    torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
+    yw = ops.fake_quantize_weight(w)
+    wcodes, wscale = ops.ternarize_absmean(w)
+    torch.testing.assert_close(yw, (wcodes.float() * wscale).to(dtype), rtol=0, atol=0)
+    gw = randn((9, 33), dtype, device)
+    yw.backward(gw)
+    torch.testing.assert_close(w.grad, gw, rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs_are_handled(device):
+    x = randn((40, 24), torch.float32, device).t()  # [24, 40] with a non-unit column stride
+    codes, scale = ops.quantize_activations_int8(x)
+    ref_codes, ref_scale = ref.quantize_activations_int8(x.contiguous())
+    torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0)
+    w = randn((40, 24), torch.float32, device).t()
+    codes, scale = ops.ternarize_absmean(w, per_channel=True)
+    torch.testing.assert_close(scale, ref.ternarize_absmean(w.contiguous(), True)[1], rtol=2e-6, atol=0)
+    sliced = randn((6, 64), torch.float32, device)[:, ::2]
+    torch.testing.assert_close(ops.quantize_activations_int8(sliced)[0],
+                               ref.quantize_activations_int8(sliced)[0], rtol=0, atol=0)
