@@ -12,7 +12,8 @@ MAX_ROW = 65536  # one row lives in registers; longer rows go to the reference (
 
 @triton.jit
 def round_half_to_even(v):
-    # Matches torch.round bit for bit. The frac/floor arithmetic is exact for |v| < 2**23, far above the 128 we need.
+    # Matches torch.round bit for bit. Kernels that call it launch with enable_fp_fusion=False: a fused
+    # multiply-subtract would compare the unrounded product against the tie, unlike the reference. The frac/floor arithmetic is exact for |v| < 2**23, far above the 128 we need.
     f = tl.floor(v)
     d = v - f
     f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0

@@ -47,7 +47,8 @@ def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
         with on_device(x):
             _quantize_activations_kernel[(triton.cdiv(m, rows),)](
                 x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
-                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps)
+                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
+                enable_fp_fusion=False)
     return out.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 

@@ -32,8 +32,9 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
 
 @triton.jit
 def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program,
-                        stride_dy, stride_x, stride_dx, BLOCK_N: tl.constexpr):
-    # Each program walks a contiguous run of rows and keeps its share of dw in registers: no atomics, deterministic.
+                        stride_dy, stride_x, stride_dx, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    # Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of dw in registers:
+    # no atomics, deterministic.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -41,16 +42,19 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, 
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=col_mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        x_hat = x * rstd
-        g = dy * w
-        c = tl.sum(g * x_hat, axis=0) / n_cols
-        dx = rstd * (g - x_hat * c)
-        tl.store(dx_ptr + row * stride_dx + cols, cast_to(dx, dx_ptr.dtype.element_ty), mask=col_mask)
-        dw += dy * x_hat
+    for first in range(row_start, row_end, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * x_hat, axis=1) / n_cols
+        dx = rstd[:, None] * (g - x_hat * c[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=col_mask)
 
 
@@ -68,7 +72,8 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
         with on_device(x):
             _rmsnorm_quantize_fwd_kernel[(triton.cdiv(m, rows),)](
                 x2, w, out, scale, rstd, m, n, x2.stride(0), out.stride(0), eps, act_eps,
-                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps)
+                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
+                enable_fp_fusion=False)
     return out, scale, rstd
 
 
@@ -77,21 +82,17 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     dy2 = as_rows(dy)
     m, n = x.shape
     dx = torch.empty_like(x)
-    block_n, _, num_warps = row_block(n)
-    if x.is_cuda:
-        n_programs = min(m, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
-    else:
-        n_programs = min(m, 8)
-    n_programs = max(n_programs, 1)
-    rows_per_program = triton.cdiv(m, n_programs)
+    if m == 0:
+        return dx, torch.zeros_like(weight)
+    block_n, rows, num_warps = row_block(n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    rows_per_program = triton.cdiv(triton.cdiv(m, 4 * sms), rows) * rows
+    n_programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
-    if m > 0:
-        with on_device(x):
-            _rmsnorm_bwd_kernel[(n_programs,)](
-                dy2, x, weight, rstd, dx, dw_partial, m, n, rows_per_program,
-                dy2.stride(0), x.stride(0), dx.stride(0), BLOCK_N=block_n, num_warps=min(num_warps, 8))
-    else:
-        dw_partial.zero_()
+    with on_device(x):
+        _rmsnorm_bwd_kernel[(n_programs,)](
+            dy2, x, weight, rstd, dx, dw_partial, m, n, rows_per_program,
+            dy2.stride(0), x.stride(0), dx.stride(0), BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 

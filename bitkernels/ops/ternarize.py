@@ -79,7 +79,8 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
             with on_device(w):
                 _ternarize_rows_kernel[(triton.cdiv(m, rows),)](
                     w2, out, scale, m, n, w2.stride(0), out.stride(0), eps,
-                    BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps)
+                    BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
+                enable_fp_fusion=False)
         return out, scale
     flat = w.contiguous().view(-1)
     numel = flat.numel()
@@ -92,7 +93,8 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
         _abs_sum_partials_kernel[(n_partials,)](flat, partials, numel, BLOCK=BLOCK, num_warps=8)
         _ternarize_tensor_kernel[(max(n_blocks, 1),)](
             flat, out, partials, scale, numel, n_partials, eps,
-            BLOCK=BLOCK, PARTIALS=triton.next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8)
+            BLOCK=BLOCK, PARTIALS=triton.next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8,
+                enable_fp_fusion=False)
     return out, scale
 
 
