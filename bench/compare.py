@@ -36,7 +36,8 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
 
 
-def run_suite(name: str, device: torch.device, quick: bool, measure_memory: bool) -> list[dict]:
+def run_suite(name: str, device: torch.device, quick: bool, measure_memory: bool,
+              copy_gbps: float | None = None) -> list[dict]:
     module = importlib.import_module(f"bench.suites.{name}")
     rows = []
     for case in module.cases(device, quick):
@@ -54,11 +55,11 @@ def run_suite(name: str, device: torch.device, quick: bool, measure_memory: bool
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(format_row(row, copy_gbps), flush=True)
     return rows
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, copy_gbps: float | None = None) -> str:
     ms = row["ms"]
     ours = ms.get("ours")
     parts = [f"{row['suite']:<10} {row['case']:<34} {row['shape']:<24}"]
@@ -69,7 +70,8 @@ def format_row(row: dict) -> str:
             if impl != "ours" and t:
                 parts.append(f"x{t / ours:.2f} vs {impl}")
         if row.get("bytes_moved"):
-            parts.append(f"{row['bytes_moved'] / (ours * 1e-3) / 1e9:.0f} GB/s")
+            gbps = row["bytes_moved"] / (ours * 1e-3) / 1e9
+            parts.append(f"{gbps:.0f} GB/s" + (f" ({gbps / copy_gbps:.0%} of copy)" if copy_gbps else ""))
         if row.get("flops"):
             parts.append(f"{row['flops'] / (ours * 1e-3) / 1e12:.0f} TFLOP/s")
     return "  ".join(parts)
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     print(json.dumps(meta), flush=True)
     rows = []
     for name in names:
-        rows += run_suite(name, device, quick, measure_memory=not args.no_memory)
+        rows += run_suite(name, device, quick, not args.no_memory, meta["copy_bandwidth_GBps"])
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
     out = pathlib.Path(args.out) if args.out else ROOT / "bench" / "results" / f"{slug}-{meta['date']}.json"
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     tmp.replace(out)
     print(f"\nwrote {out}")
-    print("\n".join(format_row(r) for r in rows))
+    print("\n".join(format_row(r, meta["copy_bandwidth_GBps"]) for r in rows))
     return 0
 
 
