@@ -175,3 +175,33 @@ def test_non_contiguous_inputs_are_handled(device):
     sliced = randn((6, 64), torch.float32, device)[:, ::2]
     torch.testing.assert_close(ops.quantize_activations_int8(sliced)[0],
                                ref.quantize_activations_int8(sliced)[0], rtol=0, atol=0)
+
+
+@pytest.fixture
+def chunked_rows(monkeypatch):
+    """Force the long-row (column-chunked, multi-pass) path of the forward quantizers at small shapes."""
+    from bitkernels.ops import _common
+
+    monkeypatch.setattr(_common, "SINGLE_PASS_MAX", 16)
+    monkeypatch.setattr(_common, "CHUNK", 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 33), (5, 100), (1, 17), (0, 40)])
+def test_chunked_row_path_matches_reference(shape, dtype, device, chunked_rows):
+    from bitkernels.ops._common import row_tiling
+
+    assert row_tiling(shape[-1])[3]
+    x = randn(shape, dtype, device, scale=2.0)
+    codes, scale = ops.quantize_activations_int8(x)
+    ref_codes, ref_scale = ref.quantize_activations_int8(x)
+    torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    w = randn(shape[-1:], dtype, device) + 1
+    codes, scale = ops.rmsnorm_quantize_int8(x, w)
+    ref_codes, ref_scale = ref.rmsnorm_quantize_int8(x, w)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
+    if codes.numel():
+        assert (codes.int() - ref_codes.int()).abs().max() <= 1
+    y = ops.rmsnorm_fake_quantize(x, w)
+    torch.testing.assert_close(y, (codes.float() * scale.unsqueeze(-1)).to(dtype), rtol=0, atol=0)

@@ -11,6 +11,7 @@ import torch
 import bitkernels.reference as ref
 from bench.harness import Case
 from bitkernels import ops
+from bitkernels.ops import _common
 
 MODELS = {"qwen3-0.6b": (1024, 3072), "qwen3-1.7b": (2048, 6144), "qwen3-4b": (2560, 9728)}
 TOKENS = 8192
@@ -18,6 +19,17 @@ TOKENS = 8192
 
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
+
+
+def _rows_in_registers(fn):
+    """The same op with the long-row chunking switched off, to show what chunking buys at that shape."""
+    def run(*args):
+        saved, _common.SINGLE_PASS_MAX = _common.SINGLE_PASS_MAX, _common.MAX_ROW
+        try:
+            return fn(*args)
+        finally:
+            _common.SINGLE_PASS_MAX = saved
+    return run
 
 
 def _fwd_bwd(fn, x, w, dy):
@@ -40,16 +52,23 @@ def cases(device: torch.device, quick: bool):
             nw = torch.rand(k, device=device, dtype=dtype) + 0.5
             shape = f"{model} M={tokens} K={k}"
             act_bytes = tokens * k * (el + 1) + tokens * 4
-            yield Case("quant", "quantize_activations_int8", shape, {
+            chunked = _common.row_tiling(k)[3]
+            impls = {
                 "ours": lambda x=x: ops.quantize_activations_int8(x),
                 "ref_eager": lambda x=x: ref.quantize_activations_int8(x),
                 "ref_compile": lambda x=x, f=_compiled(ref.quantize_activations_int8): f(x),
-            }, bytes_moved=act_bytes)
-            yield Case("quant", "rmsnorm_quantize_int8", shape, {
+            }
+            if chunked:
+                impls["ours_rows_in_registers"] = lambda x=x: _rows_in_registers(ops.quantize_activations_int8)(x)
+            yield Case("quant", "quantize_activations_int8", shape, impls, bytes_moved=act_bytes)
+            impls = {
                 "ours": lambda x=x, nw=nw: ops.rmsnorm_quantize_int8(x, nw),
                 "ref_eager": lambda x=x, nw=nw: ref.rmsnorm_quantize_int8(x, nw),
                 "ref_compile": lambda x=x, nw=nw, f=_compiled(ref.rmsnorm_quantize_int8): f(x, nw),
-            }, bytes_moved=act_bytes + k * el)
+            }
+            if chunked:
+                impls["ours_rows_in_registers"] = lambda x=x, nw=nw: _rows_in_registers(ops.rmsnorm_quantize_int8)(x, nw)
+            yield Case("quant", "rmsnorm_quantize_int8", shape, impls, bytes_moved=act_bytes + k * el)
             xg = x.clone().requires_grad_()
             nwg = nw.clone().requires_grad_()
             dy = torch.randn_like(x)

@@ -7,7 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROW = 65536  # one row lives in registers; longer rows go to the reference (backend='torch')
+MAX_ROW = 65536  # kernels that keep a row in registers refuse longer ones (backend='torch' takes them)
+SINGLE_PASS_MAX = 8192  # forward quantizers keep rows up to this padded length in registers, else walk chunks
+CHUNK = 4096
 
 
 @triton.jit
@@ -40,6 +42,14 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` [..., N] as [M, N] with a unit column stride (copying only when it must)."""
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def row_tiling(n_cols: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, ROWS, num_warps, CHUNKED) for the forward quantizers: whole rows in registers when they fit,
+    else CHUNK-wide column tiles over one row at a time (two or three passes, the later ones served by L2)."""
+    if triton.next_power_of_2(max(n_cols, 1)) <= SINGLE_PASS_MAX:
+        return (*row_block(n_cols), False)
+    return CHUNK, 1, 8, True
 
 
 def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:

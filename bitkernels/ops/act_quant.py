@@ -1,4 +1,4 @@
-"""Per-token absmax INT8 activation quantization (BitNet b1.58): one program quantizes whole rows in registers."""
+"""Per-token absmax INT8 activation quantization (BitNet b1.58): each program quantizes whole rows."""
 from __future__ import annotations
 
 import torch
@@ -6,35 +6,61 @@ import triton
 import triton.language as tl
 
 from ..reference.quantization import ACT_EPS
-from ._common import as_rows, cast_to, on_device, round_half_to_even, row_block
+from ._common import as_rows, cast_to, on_device, round_half_to_even, row_tiling
+
+
+@triton.jit
+def int8_row_scales(absmax):
+    """Per-row multiplier 127/absmax and dequantization scale absmax/127, as the reference computes them."""
+    # div_rn: Triton's '/' is approximate on GPUs; the codes must match the reference's IEEE reciprocal exactly.
+    return tl.math.div_rn(1.0, absmax) * 127.0, absmax * (1.0 / 127.0)
+
+
+@triton.jit
+def store_int8(out_ptrs, y, inv, scale, mask, DEQUANTIZE: tl.constexpr):
+    """Quantize fp32 rows ``y`` [ROWS, BLOCK_N]; store the codes (or codes * scale in the output's dtype)."""
+    q = round_half_to_even(y * inv[:, None])
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    if DEQUANTIZE:
+        q = q * scale[:, None]
+    tl.store(out_ptrs, cast_to(q, out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr,
                     DEQUANTIZE: tl.constexpr):
-    """Quantize fp32 rows ``y`` [ROWS, BLOCK_N] by their absmax; store codes (or codes * scale) and the scales."""
-    # div_rn: Triton's '/' is approximate on GPUs; the codes must match the reference's IEEE reciprocal exactly.
-    inv = tl.math.div_rn(1.0, absmax) * 127.0
-    scale = absmax * (1.0 / 127.0)
-    q = round_half_to_even(y * inv[:, None])
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-    if DEQUANTIZE:
-        q = q * scale[:, None]
-    out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
-    tl.store(out_ptrs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+    """Quantize whole rows held in registers by their absmax; store codes (or codes * scale) and the scales."""
+    inv, scale = int8_row_scales(absmax)
+    store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
 
 
 @triton.jit
 def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
-                                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+                                 DEQUANTIZE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols[None, :] < n_cols)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    absmax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
-    store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+    if not CHUNKED:  # the whole row in registers: one read of x
+        cols = tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
+        store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+    else:  # long rows: absmax pass, then a quantizing pass whose re-read of the row is served by L2
+        absmax = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+        inv, scale = int8_row_scales(tl.maximum(absmax, eps))
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], x, inv, scale, mask, DEQUANTIZE)
 
 
 def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
@@ -43,11 +69,11 @@ def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
     out = torch.empty(x2.shape, device=x.device, dtype=x.dtype if dequantize else torch.int8)
     scale = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        block_n, rows, num_warps = row_block(n)
+        block_n, rows, num_warps, chunked = row_tiling(n)
         with on_device(x):
             _quantize_activations_kernel[(triton.cdiv(m, rows),)](
                 x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
-                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
+                BLOCK_N=block_n, ROWS=rows, CHUNKED=chunked, DEQUANTIZE=dequantize, num_warps=num_warps,
                 enable_fp_fusion=False)
     return out.reshape(x.shape), scale.reshape(x.shape[:-1])
 

@@ -9,25 +9,51 @@ import triton
 import triton.language as tl
 
 from ..reference.quantization import ACT_EPS
-from ._common import as_rows, cast_to, on_device, row_block
-from .act_quant import store_int8_rows
+from ._common import as_rows, cast_to, on_device, row_block, row_tiling
+from .act_quant import int8_row_scales, store_int8, store_int8_rows
 
 
 @triton.jit
 def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_out,
-                                 eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                                 eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
                                  DEQUANTIZE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols[None, :] < n_cols)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    y = x * rstd[:, None] * w[None, :]
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
-    absmax = tl.maximum(tl.max(tl.abs(y), axis=1), act_eps)
-    store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+    if not CHUNKED:  # the whole row in registers: one read of x
+        cols = tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        absmax = tl.maximum(tl.max(tl.abs(y), axis=1), act_eps)
+        store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+    else:  # long rows: sum-of-squares, absmax and quantizing passes; the re-reads of the row are served by L2
+        sum_sq = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sum_sq += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(sum_sq / n_cols + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        absmax = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x * rstd[:, None] * w[None, :]), axis=1))
+        inv, scale = int8_row_scales(tl.maximum(absmax, act_eps))
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            y = x * rstd[:, None] * w[None, :]
+            store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
 
 
 @triton.jit
@@ -68,11 +94,11 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
     scale = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        block_n, rows, num_warps = row_block(n)
+        block_n, rows, num_warps, chunked = row_tiling(n)
         with on_device(x):
             _rmsnorm_quantize_fwd_kernel[(triton.cdiv(m, rows),)](
                 x2, w, out, scale, rstd, m, n, x2.stride(0), out.stride(0), eps, act_eps,
-                BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
+                BLOCK_N=block_n, ROWS=rows, CHUNKED=chunked, DEQUANTIZE=dequantize, num_warps=num_warps,
                 enable_fp_fusion=False)
     return out, scale, rstd
 
@@ -107,6 +133,7 @@ class RMSNormFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, act_eps: float):
+        row_block(x.shape[-1])  # the backward keeps rows in registers: refuse too-long rows before any work
         x2 = as_rows(x)
         out, _, rstd = rmsnorm_quantize_int8_forward(x2, weight, eps, act_eps, dequantize=True)
         ctx.save_for_backward(x2, weight, rstd)
