@@ -27,7 +27,8 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # the kernels can only run on a CPU through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.harness import measure_copy_bandwidth, measure_matmul_tflops, peak_memory_bytes, time_ms  # noqa: E402
+from bench.harness import (  # noqa: E402
+    measure_copy_bandwidth, measure_matmul_tflops, peak_memory_bytes, time_ms, warm_up)
 
 SUITES_DIR = ROOT / "bench" / "suites"
 
@@ -43,6 +44,7 @@ def run_suite(name: str, device: torch.device, quick: bool, measure_memory: bool
     for case in module.cases(device, quick):
         row = {"suite": case.suite, "case": case.name, "shape": case.shape, "ms": {}, "peak_bytes": {},
                "bytes_moved": case.bytes_moved, "flops": case.flops, **case.notes}
+        warm_up(case.impls, device)
         for impl, fn in case.impls.items():
             try:
                 row["ms"][impl] = time_ms(fn, device)

@@ -39,6 +39,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25,
     return statistics.median(samples)
 
 
+def warm_up(impls: dict[str, Callable[[], object]], device: torch.device, spin_ms: float = 200.0) -> None:
+    """Run every implementation once (compiles, autotunes) and then keep the GPU busy for ``spin_ms``, so the
+    first timed implementation does not pay for clocks that dropped while the CPU was compiling."""
+    for fn in impls.values():
+        try:
+            fn()
+        except Exception:  # reported when it is timed
+            pass
+    if device.type == "cuda":
+        a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < spin_ms:
+            for _ in range(10):
+                a @ a
+            torch.cuda.synchronize()
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak device memory allocated while ``fn`` runs, above what was allocated before it (CUDA only)."""
     if device.type != "cuda":
