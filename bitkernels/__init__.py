@@ -6,6 +6,8 @@ Layers: ``ops`` (Triton kernels + autograd Functions) -> ``functional`` (checked
 from . import functional, reference
 from .backend import use_triton
 from .functional import (
+    attention_relation_distill_loss,
+    attention_relation_kl,
     bitlinear,
     fake_quantize_activations,
     fake_quantize_weight,
@@ -14,9 +16,14 @@ from .functional import (
     rmsnorm_quantize_int8,
     ternarize_absmean,
 )
+from .functional import distill_kl, fused_linear_distill_loss
 from .modules import BitLinear, SubLN, replace_linear
 
 __all__ = [
+    "distill_kl",
+    "fused_linear_distill_loss",
+    "attention_relation_distill_loss",
+    "attention_relation_kl",
     "BitLinear",
     "SubLN",
     "bitlinear",

@@ -36,12 +36,16 @@ class BitLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  subln: bool = False, subln_eps: float = 1e-6, per_channel: bool = False, quantize: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, save_input: bool = True):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.subln = SubLN(in_features, subln_eps, device=device, dtype=dtype) if subln else None
         self.per_channel = per_channel
         self.quantize = quantize
         self.backend = backend
+        self.save_input = save_input  # SubLN: keep x (exact grads) or only int8 codes (see bitkernels.ops.bitlinear)
+        self.frozen = False
+        # Ternary codes of `weight`, reused while its version counter is unchanged (eval, gradient accumulation).
+        self._weight_cache: dict = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "BitLinear":
@@ -59,16 +63,38 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm_weight = None if self.subln is None else self.subln.weight
+        norm_eps = self.subln.eps if self.subln is not None else 1e-6
+        if self.frozen:
+            return BF.bitlinear_inference(x, self.weight_codes, self.weight_scale, self.bias, norm_weight, norm_eps,
+                                          backend=self.backend)
         if not self.quantize:
             h = x if self.subln is None else self.subln(x)
             return F.linear(h, self.weight, self.bias)
-        return BF.bitlinear(x, self.weight, self.bias, norm_weight,
-                            self.subln.eps if self.subln is not None else 1e-6, self.per_channel,
-                            backend=self.backend)
+        return BF.bitlinear(x, self.weight, self.bias, norm_weight, norm_eps, self.per_channel,
+                            backend=self.backend, weight_cache=self._weight_cache, save_input=self.save_input)
+
+    @torch.no_grad()
+    def freeze(self) -> "BitLinear":
+        """Inference mode: replace the latent weight by its int8 ternary codes (buffer ``weight_codes`` [out, in])
+        and scale (buffer ``weight_scale``, [] or [out]); the master weight is dropped, forward only. The state_dict
+        then holds ``weight_codes``/``weight_scale`` instead of ``weight``. Returns self."""
+        if self.frozen:
+            return self
+        if not self.quantize:
+            raise RuntimeError("freeze() needs quantize=True: a float BitLinear has no ternary codes to keep")
+        codes, scale = BF.ternarize_absmean(self.weight, self.per_channel, backend=self.backend)
+        del self.weight
+        self.register_parameter("weight", None)
+        self.register_buffer("weight_codes", codes.contiguous())
+        self.register_buffer("weight_scale", scale.contiguous())
+        self._weight_cache.clear()
+        self.frozen = True
+        return self
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, subln={self.subln is not None}, "
-                f"weight_scale={'per_channel' if self.per_channel else 'per_tensor'}, quantize={self.quantize}")
+                f"weight_scale={'per_channel' if self.per_channel else 'per_tensor'}, quantize={self.quantize}"
+                + (", frozen=int8" if self.frozen else ""))
 
 
 def replace_linear(module: nn.Module, filter: Callable[[str, nn.Linear], bool] | None = None,

@@ -2,7 +2,9 @@
 
 Every function here has a twin of the same name in ``bitkernels.ops`` (Triton) and ``bitkernels.reference``.
 """
-from .bitlinear import bitlinear
+from .attention_relation import attention_relation_distill_loss, attention_relation_kl
+from .distill_loss import distill_kl, fused_linear_distill_loss
+from .bitlinear import bitlinear, bitlinear_inference
 from .quantization import (
     fake_quantize_activations,
     fake_quantize_weight,
@@ -13,7 +15,12 @@ from .quantization import (
 )
 
 __all__ = [
+    "distill_kl",
+    "fused_linear_distill_loss",
+    "attention_relation_distill_loss",
+    "attention_relation_kl",
     "bitlinear",
+    "bitlinear_inference",
     "fake_quantize_activations",
     "fake_quantize_weight",
     "quantize_activations_int8",

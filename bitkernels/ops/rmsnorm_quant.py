@@ -57,14 +57,18 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program,
-                        stride_dy, stride_x, stride_dx, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
+                        rows_per_program, stride_dy, stride_x, stride_dx,
+                        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FROM_CODES: tl.constexpr):
     # Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of dw in registers:
-    # no atomics, deterministic.
+    # no atomics, deterministic. FROM_CODES: x_ptr holds the forward's int8 codes of y = x_hat * w, so x_hat is
+    # rebuilt as codes * scale / w and the bf16 input need not be kept for backward.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if FROM_CODES:
+        inv_w = tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -75,7 +79,11 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, 
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        x_hat = x * rstd[:, None]
+        if FROM_CODES:
+            code_scale = tl.load(code_scale_ptr + rows, mask=row_mask, other=0.0)
+            x_hat = x * code_scale[:, None] * inv_w[None, :]
+        else:
+            x_hat = x * rstd[:, None]
         g = dy * w[None, :]
         c = tl.sum(g * x_hat, axis=1) / n_cols
         dx = rstd[:, None] * (g - x_hat * c[:, None])
@@ -103,11 +111,14 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
     return out, scale, rstd
 
 
-def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
-    """RMSNorm gradients from rows ``dy``, ``x`` [M, N] and the forward's 1/rms: -> (dx in x's dtype, dw)."""
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                     code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+    """RMSNorm gradients from rows ``dy``, ``x`` [M, N] and the forward's 1/rms: -> (dx, dw). With ``code_scale``,
+    ``x`` is instead the forward's int8 codes of RMSNorm(x)*weight and ``code_scale`` their per-row scale
+    (the STE gradient then uses the quantized x_hat). dx is in ``out_dtype`` (default: x's dtype)."""
     dy2 = as_rows(dy)
     m, n = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
     if m == 0:
         return dx, torch.zeros_like(weight)
     block_n, rows, num_warps = row_block(n)
@@ -115,10 +126,12 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     rows_per_program = triton.cdiv(triton.cdiv(m, 4 * sms), rows) * rows
     n_programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
+    from_codes = code_scale is not None
     with on_device(x):
         _rmsnorm_bwd_kernel[(n_programs,)](
-            dy2, x, weight, rstd, dx, dw_partial, m, n, rows_per_program,
-            dy2.stride(0), x.stride(0), dx.stride(0), BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+            dy2, x, weight, rstd, code_scale if from_codes else rstd, dx, dw_partial, m, n, rows_per_program,
+            dy2.stride(0), x.stride(0), dx.stride(0), BLOCK_N=block_n, ROWS=rows, FROM_CODES=from_codes,
+            num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 

@@ -1,4 +1,7 @@
 """Pure-PyTorch reference of every bitkernels op, name for name with ``bitkernels.ops``."""
+from .attention_relation import attention_relation_distill_loss, attention_relation_kl
+from .distill_loss import distill_kl, fused_linear_distill_loss
+from .bitlinear import bitlinear_inference, int8_matmul
 from .quantization import (
     absmean_scale,
     bitlinear,
@@ -13,6 +16,12 @@ from .quantization import (
 )
 
 __all__ = [
+    "distill_kl",
+    "fused_linear_distill_loss",
+    "attention_relation_distill_loss",
+    "attention_relation_kl",
+    "bitlinear_inference",
+    "int8_matmul",
     "absmean_scale",
     "bitlinear",
     "fake_quantize_activations",

@@ -1,0 +1,153 @@
+"""BitLinear (SubLN RMSNorm + int8 act quant + ternary weight quant + matmul) vs plain RMSNorm + nn.Linear in bf16.
+
+Rows: the linear shapes of Qwen3-0.6B / 1.7B / 4B (hidden -> intermediate, and 4B's down_proj) at 8192 and 2048
+tokens, bf16 activations and weights; fwd+bwd (a training step of the layer, weight quantized every call as after an
+optimizer step) and forward only. Implementations:
+    ours               bitkernels.ops.bitlinear: int8 tensor-core forward, dequant-in-load backward; keeps x alone
+                       (exact SubLN gradients) and rebuilds the int8 codes in the backward
+    ours_save_codes    the same keeping only the int8 codes (save_input=False: approximate SubLN gradients)
+    ours_cached_w      forward only, ternary codes cached (eval / gradient-accumulation micro-steps)
+    plain_eager        F.rms_norm + F.linear in bf16 (cuBLAS), eager;   plain_compile: the same under torch.compile
+    ref_eager          reference.bitlinear (fake-quantized bf16 math);  ref_compile: the same under torch.compile
+    floor_bf16_3gemm   the three cuBLAS bf16 GEMMs of the step (fwd, grad_x, grad_W) and nothing else
+    cublas_linear      forward only: F.linear in bf16 alone (no norm)
+    int8_gemm_only     the forward int8 GEMM alone (codes already made)
+notes: saved_MiB_* = device memory held for backward after the forward (minus the output; the input counted when it
+is saved; newly made weight copies such as the ternary codes counted too), per implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import bitkernels.reference as ref
+from bench.harness import Case
+
+SHAPES = [(1024, 3072), (2048, 6144), (2560, 9728), (9728, 2560)]
+TOKENS = (8192, 2048)
+EPS = 1e-6
+
+
+def plain(x, nw, w):
+    return F.linear(F.rms_norm(x, (x.shape[-1],), nw, EPS), w)
+
+
+def reference_bitlinear(x, nw, w):
+    return ref.bitlinear(x, w, None, nw, EPS)
+
+
+def _subln_bwd(gh, codes, scale, rstd, nw):
+    import importlib
+
+    return importlib.import_module("bitkernels.ops.rmsnorm_quant").rmsnorm_backward(gh, codes, nw, rstd, scale,
+                                                                                    gh.dtype)
+
+
+def _check(ops, x, w, nw, dy, shape):
+    """Correctness at the benchmark's own shape, printed next to its timings: ours vs the reference."""
+    grads = []
+    for fn in (lambda a, b, c: ops.bitlinear(a, b, None, c, EPS), lambda a, b, c: reference_bitlinear(a, c, b)):
+        a, b, c = (t.detach().clone().requires_grad_() for t in (x, w, nw))
+        y = fn(a, b, c)
+        y.backward(dy)
+        grads.append((y.detach(), a.grad, b.grad, c.grad))
+
+    def rel(u, v):
+        return ((u.double() - v.double()).norm() / v.double().norm()).item()
+    errs = {name: f"{rel(u, v):.1e}" for name, u, v in zip(("y", "dx", "dW", "dnorm"), *grads)}
+    print(f"check ours vs reference (relative L2), {shape}: {errs}", flush=True)
+
+
+def _fwd_bwd(fn, params, dy):
+    def run():
+        for p in params:
+            p.grad = None
+        fn().backward(dy)
+    return run
+
+
+def _saved_bytes(fwd, x, device) -> int | None:
+    """Bytes kept alive by the autograd graph after one forward, the output excluded. The input is a fresh non-leaf
+    copy of x (as in a network, where x is the previous layer's output), so it counts exactly when it is saved."""
+    if device.type != "cuda":
+        return None
+    fwd(x=x * 1.0)  # compile / autotune outside the measurement, with the same kind of input
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    xin = x * 1.0  # multiplying by a Python number saves nothing for backward
+    y = fwd(x=xin)
+    del xin
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+    del y
+    return held
+
+
+def cases(device: torch.device, quick: bool):
+    from bitkernels import ops
+
+    dtype = torch.bfloat16
+    shapes = [(128, 384)] if quick else SHAPES
+    tokens_list = (64,) if quick else TOKENS
+    plain_c = torch.compile(plain, dynamic=False)
+    ref_c = torch.compile(reference_bitlinear, dynamic=False)
+    for tokens in tokens_list:
+        for k, n in shapes:
+            shape = f"M={tokens} K={k} N={n}"
+            x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5).requires_grad_()
+            nw = (torch.rand(k, device=device, dtype=dtype) + 0.5).requires_grad_()
+            dy = torch.randn(tokens, n, device=device, dtype=dtype)
+            params = (x, w, nw)
+            fwds = {
+                "ours": lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS),
+                "ours_save_codes": lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS, save_input=False),
+                "plain_eager": lambda x=x, w=w, nw=nw: plain(x, nw, w),
+                "plain_compile": lambda x=x, w=w, nw=nw: plain_c(x, nw, w),
+                "ref_eager": lambda x=x, w=w, nw=nw: reference_bitlinear(x, nw, w),
+                "ref_compile": lambda x=x, w=w, nw=nw: ref_c(x, nw, w),
+            }
+            xd, wd, dyd = x.detach(), w.detach(), dy
+            impls = {name: _fwd_bwd(f, params, dy) for name, f in fwds.items()}
+            impls["floor_bf16_3gemm"] = lambda xd=xd, wd=wd, dyd=dyd: (xd @ wd.t(), dyd @ wd, dyd.t() @ xd)
+            # The pieces of `ours`, timed alone: where its time goes.
+            nwd = nw.detach()
+            wc, ws = ops.ternarize_absmean(wd)
+            xc, xs, rstd = ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, 1e-5)
+            gh = dy @ (wc.to(dtype) * ws.to(dtype))
+            impls.update({
+                "part_ternarize_w": lambda wd=wd: ops.ternarize_absmean(wd),
+                "part_subln_quant": lambda xd=xd, nwd=nwd: ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, 1e-5),
+                "part_int8_gemm": lambda xc=xc, xs=xs, wc=wc, ws=ws: ops.int8_matmul(xc, wc, xs, ws),
+                "part_grad_x_gemm": lambda dy=dy, wc=wc, ws=ws: ops.bitlinear_grad_input(dy, wc, ws),
+                "part_grad_w_gemm": lambda dy=dy, xc=xc, xs=xs: ops.bitlinear_grad_weight(dy, xc, xs, dtype),
+                "part_grad_x_codes_on_b": lambda dy=dy, wc=wc, ws=ws: ops.bitlinear_grad_input(dy, wc, ws, False),
+                "part_grad_w_codes_on_b": lambda dy=dy, xc=xc, xs=xs: ops.bitlinear_grad_weight(dy, xc, xs, dtype,
+                                                                                               False),
+                "part_subln_bwd": lambda gh=gh, xc=xc, xs=xs, rstd=rstd, nwd=nwd: _subln_bwd(gh, xc, xs, rstd, nwd),
+            })
+            notes = {f"saved_MiB_{name}": (lambda b: None if b is None else round(b / 2 ** 20, 2))(
+                _saved_bytes(f, x, device)) for name, f in fwds.items()}
+            print(f"saved for backward, MiB, {shape}: {notes}", flush=True)
+            _check(ops, x, w, nw, dy, shape)
+            flops = 3 * 2 * tokens * k * n
+            yield Case("bitlinear", "fwd+bwd", shape, impls, flops=flops, notes=notes)
+
+            cache: dict = {}
+            codes, a_scale = ops.quantize_activations_int8(xd)
+            w_codes, w_scale = ops.ternarize_absmean(wd)
+            impls = {
+                "ours": lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS),
+                "ours_cached_w": lambda x=x, w=w, nw=nw, c=cache: ops.bitlinear(x, w, None, nw, EPS, weight_cache=c),
+                "cublas_linear": lambda xd=xd, wd=wd: F.linear(xd, wd),
+                **{name: fwds[name] for name in ("plain_eager", "plain_compile", "ref_eager", "ref_compile")},
+                "int8_gemm_only": lambda c=codes, s=a_scale, wc=w_codes, ws=w_scale: ops.int8_matmul(c, wc, s, ws),
+            }
+            yield Case("bitlinear", "fwd", shape, impls, flops=2 * tokens * k * n)
+    if device.type == "cuda":  # which autotuned tile each GEMM picked, per (M bucket, N, K, ...) key
+        import importlib
+
+        mm = importlib.import_module("bitkernels.ops.int8_matmul")  # the module, not ops.int8_matmul the function
+        for kernel in (mm._int8_matmul_kernel, mm._dequant_matmul_kernel):
+            for key, cfg in kernel.cache.items():
+                print(f"autotune {kernel.fn.__name__} {key}: {cfg}", flush=True)

@@ -1,0 +1,351 @@
+"""Attention-relation KL (MiniLM-v2 / BitDistill Stage 3) as flash-style Triton kernels: never an L x L tensor.
+
+Per relation head h of width d (teacher d_t, student d_s), with z = A_h A_h^T / sqrt(d) and P = softmax_rows(z):
+
+    KL_i = sum_j Pt_ij (log Pt_ij - log Ps_ij) = (sum_j e^{zt_ij - mt_i} (zt_ij - zs_ij)) / lt_i - lse_t_i + lse_s_i
+
+so ONE pass over key tiles with two online log-sum-exps (teacher, student) and one rescaled accumulator gives the row's
+KL; the forward keeps only the per-row log-sum-exps [B, R, L] for the backward. Everything runs in base 2 (exp2,
+scores pre-multiplied by log2(e)) and is converted back to nats at the end.
+
+Backward, student only (the teacher is detached). With w_i = dloss/dKL_i (grad / (R * N_real) for real queries, else
+0), dz_ij = w_i (Ps_ij - Pt_ij), and since z = A A^T / sqrt(d) is symmetric,
+
+    dA_i = (1 / sqrt(d_s)) * sum_j (dz_ij + dz_ji) A_j.
+
+Symmetry also gives z_ji = z_ij, so the program that owns rows i recomputes the tile z[i, j] once and forms both
+dz_ij (with the row statistics of i) and dz_ji (with the row statistics of j) elementwise: 2 score products + 1
+gradient product per tile pair, no atomics, each program writes its own rows of dA.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreter_enabled
+from ..reference.attention_relation import as_tokens_by_features
+from ._common import cast_to, on_device
+
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
+# Finite running-max start: a tile whose keys are all masked then gives exp2(-inf - M_INIT) = 0, never inf - inf.
+M_INIT = tl.constexpr(-1.0e30)
+MAX_HEAD_DIM = 256  # query tiles of both models stay on chip; wider relation heads take backend='torch'
+SHARED_MEMORY_BUDGET = 200 * 1024  # of the H100's 227 KiB per block, leaving room for Triton's layout scratch
+TUNING = os.environ.get("BITKERNELS_AUTOTUNE", "1") != "0"  # "0": first fitting config, no tuning runs (fast tests)
+
+
+def _configs(block_pairs):
+    if triton_interpreter_enabled():  # the interpreter runs each config: one, small, so tests cross tile edges
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in block_pairs]
+
+
+def _prune_by_shared_memory(configs, named_args, **kwargs):
+    """Keep the configs whose staged tiles fit in shared memory (fp32 inputs at d=128 need 4x the bf16 room); the
+    last config is the small fallback, used only when nothing else fits."""
+    if len(configs) == 1:
+        return configs
+    # older Triton versions pass no kwargs here: assume the widest heads then
+    row_bytes = (kwargs.get("BLOCK_DT", MAX_HEAD_DIM) * named_args["T"].element_size()
+                 + kwargs.get("BLOCK_DS", MAX_HEAD_DIM) * named_args["S"].element_size())
+    def need(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return (m + c.num_stages * n) * row_bytes + m * n * 4  # resident query rows + staged key rows + dz tile
+    fitting = [c for c in configs[:-1] if need(c) <= SHARED_MEMORY_BUDGET]
+    if not TUNING:
+        fitting = fitting[:1]
+    return fitting or configs[-1:]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the untuned default, the last the small fallback. Two fp32
+# score tiles [M, N] live at once next to the resident query tiles, and in the backward a [M, d_s] fp32 gradient
+# accumulator: tiles past 128 x 64 spill registers at d = 128.
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
+                        (32, 32, 4, 1)])
+BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
+                        (32, 32, 4, 1)])
+TUNED = dict(key=["L_BUCKET", "D_T", "D_S", "HAS_MASK", "CAUSAL"],
+             prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+# No padding mask, no causal mask, L a multiple of both tiles: every score is visible, so the kernels skip all masking.
+UNMASKED = triton.heuristics({"UNMASKED": lambda a: not a["HAS_MASK"] and not a["CAUSAL"]
+                              and a["L"] % a["BLOCK_M"] == 0 and a["L"] % a["BLOCK_N"] == 0})
+
+
+@triton.jit
+def _load_rows(base, rows, stride_l, L, cols, D: tl.constexpr, INTERPRETED: tl.constexpr):
+    x = tl.load(base + rows[:, None] * stride_l + cols[None, :], mask=(rows[:, None] < L) & (cols[None, :] < D),
+                other=0.0)
+    if INTERPRETED:  # the interpreter's bf16 tl.dot returns garbage: give it exact fp32 copies instead
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even on every backend (the interpreter's own cast truncates bf16)."""
+    if INTERPRETED:
+        return cast_to(x, dtype).to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
+def _real_tokens(MASK, b, stride_mb, offs, L, HAS_MASK: tl.constexpr):
+    real = offs < L
+    if HAS_MASK:
+        real = real & (tl.load(MASK + b * stride_mb + offs, mask=offs < L, other=0) != 0)
+    return real
+
+
+@triton.autotune(configs=FWD_CONFIGS, **TUNED)
+@UNMASKED
+@triton.jit
+def _attention_relation_fwd_kernel(
+    T, S, MASK, KL_ROWS, LSE_T, LSE_S,
+    stride_tb, stride_tl, stride_sb, stride_sl, stride_mb,
+    L, L_BUCKET, R, scale_t, scale_s,
+    D_T: tl.constexpr, D_S: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
+    PREC_T: tl.constexpr, PREC_S: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNMASKED: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // R
+    r = pid_bh % R
+    t_base = T + b.to(tl.int64) * stride_tb + r * D_T
+    s_base = S + b.to(tl.int64) * stride_sb + r * D_S
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_t = tl.arange(0, BLOCK_DT)
+    cols_s = tl.arange(0, BLOCK_DS)
+    q_t = _load_rows(t_base, offs_m, stride_tl, L, cols_t, D_T, INTERPRETED)
+    q_s = _load_rows(s_base, offs_m, stride_sl, L, cols_s, D_S, INTERPRETED)
+    query_real = _real_tokens(MASK, b, stride_mb, offs_m, L, HAS_MASK)
+
+    m_t = tl.full([BLOCK_M], M_INIT, tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    m_s = tl.full([BLOCK_M], M_INIT, tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    cross = tl.zeros([BLOCK_M], tl.float32)  # sum_j e^{zt - m_t} (zt - zs), rescaled with the teacher's max
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load_rows(t_base, offs_n, stride_tl, L, cols_t, D_T, INTERPRETED)
+        k_s = _load_rows(s_base, offs_n, stride_sl, L, cols_s, D_S, INTERPRETED)
+        zt = tl.dot(q_t, tl.trans(k_t), input_precision=PREC_T) * scale_t  # log2 units
+        zs = tl.dot(q_s, tl.trans(k_s), input_precision=PREC_S) * scale_s
+        if UNMASKED:
+            diff = zt - zs
+        else:
+            visible = _real_tokens(MASK, b, stride_mb, offs_n, L, HAS_MASK)[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+            diff = tl.where(visible, zt - zs, 0.0)  # before the -inf fill: no inf - inf
+            zt = tl.where(visible, zt, float("-inf"))
+            zs = tl.where(visible, zs, float("-inf"))
+
+        m_t_new = tl.maximum(m_t, tl.max(zt, 1))
+        alpha_t = tl.exp2(m_t - m_t_new)
+        p_t = tl.exp2(zt - m_t_new[:, None])
+        l_t = l_t * alpha_t + tl.sum(p_t, 1)
+        cross = cross * alpha_t + tl.sum(p_t * diff, 1)
+        m_t = m_t_new
+
+        m_s_new = tl.maximum(m_s, tl.max(zs, 1))
+        l_s = l_s * tl.exp2(m_s - m_s_new) + tl.sum(tl.exp2(zs - m_s_new[:, None]), 1)
+        m_s = m_s_new
+
+    # A row that saw a key has l >= 1 (its max term is exp2(0)); l = 0 only on rows dropped below.
+    l_t = tl.maximum(l_t, 1.0)
+    l_s = tl.maximum(l_s, 1.0)
+    lse_t = m_t + tl.log2(l_t)
+    lse_s = m_s + tl.log2(l_s)
+    kl = (cross / l_t - lse_t + lse_s) * LN2
+    row = pid_bh.to(tl.int64) * L + offs_m
+    in_range = offs_m < L
+    tl.store(KL_ROWS + row, tl.where(query_real, kl, 0.0), mask=in_range)
+    # +inf for padded queries: the backward's exp2(z - lse) is then 0 on their rows, whatever their keys.
+    tl.store(LSE_T + row, tl.where(query_real, lse_t, float("inf")), mask=in_range)
+    tl.store(LSE_S + row, tl.where(query_real, lse_s, float("inf")), mask=in_range)
+
+
+@triton.autotune(configs=BWD_CONFIGS, **TUNED)
+@UNMASKED
+@triton.jit
+def _attention_relation_bwd_kernel(
+    T, S, MASK, LSE_T, LSE_S, COEF, DS,
+    stride_tb, stride_tl, stride_sb, stride_sl, stride_mb, stride_db, stride_dl,
+    L, L_BUCKET, R, scale_t, scale_s, sm_scale_s,
+    D_T: tl.constexpr, D_S: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
+    PREC_T: tl.constexpr, PREC_S: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNMASKED: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // R
+    r = pid_bh % R
+    t_base = T + b.to(tl.int64) * stride_tb + r * D_T
+    s_base = S + b.to(tl.int64) * stride_sb + r * D_S
+    stats = pid_bh.to(tl.int64) * L
+    coef = tl.load(COEF)  # dloss / dKL_i of a real query: grad_output / (R * N_real), read on device (no sync)
+    out_scale = coef * sm_scale_s
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_t = tl.arange(0, BLOCK_DT)
+    cols_s = tl.arange(0, BLOCK_DS)
+    q_t = _load_rows(t_base, offs_m, stride_tl, L, cols_t, D_T, INTERPRETED)
+    q_s = _load_rows(s_base, offs_m, stride_sl, L, cols_s, D_S, INTERPRETED)
+    real_m = _real_tokens(MASK, b, stride_mb, offs_m, L, HAS_MASK)
+    lse_t_m = tl.load(LSE_T + stats + offs_m, mask=offs_m < L, other=float("inf"))
+    lse_s_m = tl.load(LSE_S + stats + offs_m, mask=offs_m < L, other=float("inf"))
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load_rows(t_base, offs_n, stride_tl, L, cols_t, D_T, INTERPRETED)
+        k_s = _load_rows(s_base, offs_n, stride_sl, L, cols_s, D_S, INTERPRETED)
+        real_n = _real_tokens(MASK, b, stride_mb, offs_n, L, HAS_MASK)
+        lse_t_n = tl.load(LSE_T + stats + offs_n, mask=offs_n < L, other=float("inf"))
+        lse_s_n = tl.load(LSE_S + stats + offs_n, mask=offs_n < L, other=float("inf"))
+        zt = tl.dot(q_t, tl.trans(k_t), input_precision=PREC_T) * scale_t
+        zs = tl.dot(q_s, tl.trans(k_s), input_precision=PREC_S) * scale_s
+        # dz / coef. Rows i of this program as queries, tile columns j as keys: Ps_ij - Pt_ij. Columns j as queries,
+        # rows i as keys (z_ji = z_ij): Ps_ji - Pt_ji. A padded or out-of-range query has lse = +inf, so its terms
+        # are already 0; only key visibility is left to mask.
+        dz_row = tl.exp2(zs - lse_s_m[:, None]) - tl.exp2(zt - lse_t_m[:, None])
+        dz_col = tl.exp2(zs - lse_s_n[None, :]) - tl.exp2(zt - lse_t_n[None, :])
+        if UNMASKED:
+            dz = dz_row + dz_col
+        elif CAUSAL:
+            dz = (tl.where(real_n[None, :] & (offs_n[None, :] <= offs_m[:, None]), dz_row, 0.0)
+                  + tl.where(real_m[:, None] & (offs_m[:, None] <= offs_n[None, :]), dz_col, 0.0))
+        else:  # the row term needs key j real, the column term key i real; the other side's query is then real too
+            dz = tl.where(real_m[:, None] & real_n[None, :], dz_row + dz_col, 0.0)
+        acc += tl.dot(_round_to(dz, S.dtype.element_ty, INTERPRETED), k_s, input_precision=PREC_S)
+
+    d_ptrs = DS + b.to(tl.int64) * stride_db + r * D_S + offs_m[:, None] * stride_dl + cols_s[None, :]
+    tl.store(d_ptrs, _round_to(acc * out_scale, DS.dtype.element_ty, INTERPRETED),
+             mask=(offs_m[:, None] < L) & (cols_s[None, :] < D_S))
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    # fp32 inputs: 3xTF32 on the tensor cores keeps scores near fp32 accuracy; fp16/bf16 ignore this.
+    return "tf32x3" if t.dtype == torch.float32 else "tf32"
+
+
+def _head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+
+
+def _launch_meta(a_teacher, a_student, num_relation_heads):
+    d_t = a_teacher.shape[-1] // num_relation_heads
+    d_s = a_student.shape[-1] // num_relation_heads
+    if max(d_t, d_s) > MAX_HEAD_DIM:
+        raise ValueError(f"relation heads of width {max(d_t, d_s)} (D / num_relation_heads) exceed the Triton kernels' "
+                         f"{MAX_HEAD_DIM}; use more relation heads or backend='torch'")
+    return dict(
+        D_T=d_t, D_S=d_s, BLOCK_DT=_head_block(d_t), BLOCK_DS=_head_block(d_s),
+        PREC_T=_dot_precision(a_teacher), PREC_S=_dot_precision(a_student),
+        INTERPRETED=triton_interpreter_enabled(),
+    ), d_t, d_s
+
+
+def _unit_col_stride(a: torch.Tensor) -> torch.Tensor:
+    return a if a.stride(-1) == 1 else a.contiguous()
+
+
+def attention_relation_forward(a_teacher, a_student, num_relation_heads, mask, causal):
+    """-> (per-row KL [B, R, L] fp32 in nats, 0 on padded queries; lse_t, lse_s [B, R, L] base 2)."""
+    batch, length = a_student.shape[0], a_student.shape[1]
+    kl_rows = torch.empty(batch, num_relation_heads, length, device=a_student.device, dtype=torch.float32)
+    lse_t = torch.empty_like(kl_rows)
+    lse_s = torch.empty_like(kl_rows)
+    if kl_rows.numel() == 0:
+        return kl_rows, lse_t, lse_s
+    meta, d_t, d_s = _launch_meta(a_teacher, a_student, num_relation_heads)
+    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads)  # noqa: E731
+    with on_device(a_student):
+        _attention_relation_fwd_kernel[grid](
+            a_teacher, a_student, mask if mask is not None else kl_rows, kl_rows, lse_t, lse_s,
+            a_teacher.stride(0), a_teacher.stride(1), a_student.stride(0), a_student.stride(1),
+            mask.stride(0) if mask is not None else 0,
+            length, triton.next_power_of_2(length), num_relation_heads,
+            LOG2E / math.sqrt(d_t), LOG2E / math.sqrt(d_s),
+            HAS_MASK=mask is not None, CAUSAL=causal, **meta,
+        )
+    return kl_rows, lse_t, lse_s
+
+
+def attention_relation_backward(a_teacher, a_student, num_relation_heads, mask, causal, lse_t, lse_s, coef):
+    """dloss/da_student [B, L, D_s] in a_student's dtype; ``coef`` is a 0-d fp32 tensor grad / (R * N_real)."""
+    batch, length = a_student.shape[0], a_student.shape[1]
+    grad = torch.empty(a_student.shape, device=a_student.device, dtype=a_student.dtype)
+    if grad.numel() == 0:
+        return grad
+    meta, d_t, d_s = _launch_meta(a_teacher, a_student, num_relation_heads)
+    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads)  # noqa: E731
+    with on_device(a_student):
+        _attention_relation_bwd_kernel[grid](
+            a_teacher, a_student, mask if mask is not None else lse_t, lse_t, lse_s, coef, grad,
+            a_teacher.stride(0), a_teacher.stride(1), a_student.stride(0), a_student.stride(1),
+            mask.stride(0) if mask is not None else 0, grad.stride(0), grad.stride(1),
+            length, triton.next_power_of_2(length), num_relation_heads,
+            LOG2E / math.sqrt(d_t), LOG2E / math.sqrt(d_s), 1.0 / math.sqrt(d_s),
+            HAS_MASK=mask is not None, CAUSAL=causal, **meta,
+        )
+    return grad
+
+
+class AttentionRelationKL(torch.autograd.Function):
+    """Scalar relation KL of [B, L, D] activations; gradient for the student only."""
+
+    @staticmethod
+    def forward(ctx, a_teacher, a_student, num_relation_heads, mask, causal):
+        a_teacher = _unit_col_stride(a_teacher)
+        a_student = _unit_col_stride(a_student)
+        kl_rows, lse_t, lse_s = attention_relation_forward(a_teacher, a_student, num_relation_heads, mask, causal)
+        batch, length = a_student.shape[0], a_student.shape[1]
+        if mask is not None:  # counted on the device: no host sync
+            denom = mask.sum().clamp_min(1).to(torch.float32) * num_relation_heads
+        else:
+            denom = float(max(batch * length, 1) * num_relation_heads)
+        ctx.save_for_backward(a_teacher, a_student, mask, lse_t, lse_s,
+                              denom if isinstance(denom, torch.Tensor) else None)
+        ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
+        ctx.num_relation_heads = num_relation_heads
+        ctx.causal = causal
+        return kl_rows.sum() / denom
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        a_teacher, a_student, mask, lse_t, lse_s, denom = ctx.saved_tensors
+        denom = ctx.denom if denom is None else denom
+        coef = (grad_output.to(torch.float32) / denom).reshape(1)
+        grad = attention_relation_backward(a_teacher, a_student, ctx.num_relation_heads, mask, ctx.causal,
+                                           lse_t, lse_s, coef)
+        return None, grad, None, None, None
+
+
+def attention_relation_kl(a_teacher: torch.Tensor, a_student: torch.Tensor, num_relation_heads: int,
+                          attention_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """Triton twin of ``bitkernels.reference.attention_relation_kl`` (same layouts, normalization, result dtype
+    float32). Memory beyond the inputs: three fp32 [B, R, L] vectors and the student gradient."""
+    t = as_tokens_by_features(a_teacher).detach()
+    s = as_tokens_by_features(a_student)
+    mask = None
+    if attention_mask is not None:
+        mask = (attention_mask.to(s.device) != 0).to(torch.int32).contiguous()
+    return AttentionRelationKL.apply(t, s, num_relation_heads, mask, bool(causal))
+
+
+def attention_relation_distill_loss(qkv_teacher, qkv_student, num_relation_heads: int,
+                                    attention_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """Mean of ``attention_relation_kl`` over the (Q, K, V) relations."""
+    losses = [attention_relation_kl(t, s, num_relation_heads, attention_mask, causal)
+              for t, s in zip(qkv_teacher, qkv_student)]
+    return sum(losses) / len(losses)

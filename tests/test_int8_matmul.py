@@ -1,0 +1,93 @@
+"""int8 x int8 -> int32 GEMM with scale/bias epilogue, and the dequant-in-load backward GEMMs, vs float64."""
+import pytest
+import torch
+
+from bitkernels import reference as ref
+
+ops = pytest.importorskip("bitkernels.ops")
+
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def codes(*shape, lo=-128, hi=127, device="cpu"):
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int8, device=device)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 5, 7), (3, 17, 33), (37, 29, 70), (16, 16, 32)])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_matmul_matches_fp64(device, m, n, k, per_channel, dtype):
+    a, b = codes(m, k, device=device), codes(n, k, lo=-1, hi=1, device=device)
+    sa = torch.rand(m, device=device) + 0.01
+    sb = torch.rand(n if per_channel else (), device=device) + 0.01
+    bias = torch.randn(n, device=device, dtype=dtype)
+    out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+    out = ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype)
+    exact = (a.double() @ b.double().t()) * sa.double()[:, None] * (sb.double() if per_channel else sb.double()) \
+        + bias.double()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.isfinite(out).all()
+    assert rel(out, exact) <= TOL[dtype]
+    torch.testing.assert_close(out, ref.int8_matmul(a, b, sa, sb, bias, dtype), rtol=TOL[dtype], atol=1e-5)
+
+
+def test_int8_matmul_full_int8_range_is_exact(device):
+    # -128 * -1 summed over K: the int32 accumulator must not saturate or round (fp32 output, unit scales).
+    k = 300
+    a = torch.full((4, k), -128, dtype=torch.int8, device=device)
+    b = torch.full((3, k), -1, dtype=torch.int8, device=device)
+    one = torch.ones(4, device=device)
+    out = ops.int8_matmul(a, b, one, torch.ones((), device=device), out_dtype=torch.float32)
+    assert torch.equal(out, torch.full((4, 3), 128.0 * k, device=device))
+
+
+def test_int8_matmul_empty(device):
+    a, b = codes(0, 8, device=device), codes(5, 8, device=device)
+    assert ops.int8_matmul(a, b, torch.ones(0, device=device), torch.ones((), device=device)).shape == (0, 5)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 3, 5), (19, 33, 45)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("codes_on_a", [True, False])
+def test_backward_gemms_dequantize_in_loads(device, m, n, k, dtype, codes_on_a):
+    # grad_x = dy @ (Wq * s) (s per tensor or per output row) and grad_W = dy^T @ (xq * a): the dequantized operand
+    # must equal the reference's fake-quantized tensor rounded to the dot's dtype.
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    wq, xq = codes(n, k, lo=-1, hi=1, device=device), codes(m, k, device=device)
+    a = torch.rand(m, device=device) + 0.01
+    for s in (torch.rand((), device=device) + 0.1, torch.rand(n, device=device) + 0.1):
+        w_deq = (wq.float() * (s[:, None] if s.dim() else s)).to(dtype)
+        gx = torch.full((m, k), float("nan"), device=device, dtype=dtype)
+        gx = ops.bitlinear_grad_input(dy, wq, s, codes_on_a=codes_on_a)
+        assert gx.dtype == dtype and gx.shape == (m, k)
+        assert rel(gx, dy.double() @ w_deq.double()) <= TOL[dtype]
+    x_deq = (xq.float() * a[:, None]).to(dtype)
+    gw = ops.bitlinear_grad_weight(dy, xq, a, torch.float32, codes_on_a=codes_on_a)
+    assert gw.dtype == torch.float32 and gw.shape == (n, k)
+    assert rel(gw, dy.double().t() @ x_deq.double()) <= TOL[dtype]
+
+
+def test_dequant_matmul_needs_exactly_one_int8_operand(device):
+    a = torch.randn(4, 8, device=device)
+    with pytest.raises(TypeError, match="exactly one operand"):
+        ops.dequant_matmul(a, torch.randn(8, 3, device=device), torch.ones(()), torch.empty(4, 3, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(8192, 3072, 1024), (8192, 2560, 9728), (2048, 6144, 2048), (1, 2560, 9728),
+                                   (1000, 3000, 1000)])
+def test_int8_matmul_realistic(device, m, n, k):
+    a, b = codes(m, k, device=device), codes(n, k, lo=-1, hi=1, device=device)
+    sa, sb = torch.rand(m, device=device) / 127, torch.rand((), device=device)
+    out = ops.int8_matmul(a, b, sa, sb, out_dtype=torch.bfloat16)
+    exact = (a.float() @ b.float().t()) * (sa * sb)[:, None]  # fp32 sum of integers < 2**24: exact
+    assert rel(out, exact) <= 4e-3
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    gx = ops.bitlinear_grad_input(dy, b, sb)
+    assert rel(gx, dy.float() @ (b.float() * sb).bfloat16().float()) <= 8e-3
+    gw = ops.bitlinear_grad_weight(dy, a, sa, torch.bfloat16)
+    assert rel(gw, dy.float().t() @ (a.float() * sa[:, None]).bfloat16().float()) <= 8e-3
