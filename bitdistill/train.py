@@ -1,0 +1,388 @@
+"""BitDistill pipeline: ``accelerate launch bitdistill/train.py --config bitdistill/configs/tiny.yaml``.
+
+Stages (each runnable alone with ``--stages``, or chained; outputs under ``output_dir/<stage>/``):
+  sft         fine-tune the full-precision model on the task: the teacher, and the FP16-SFT baseline
+  bitnet-sft  convert to BitNet (SubLN + BitLinear) and fine-tune on the task without distillation (baseline)
+  pretrain    Stage 2: convert, then continued pre-training (causal LM) on a general corpus, up to a token budget
+  distill     Stage 3: the pretrained student learns the task from the frozen sft teacher: CE + lambda*LD + gamma*AD
+With no arguments it runs every stage on the tiny generated task and tiny Qwen3 model (CPU, minutes) and prints the
+summary table FP-SFT / BitNet-SFT / BitDistill. ``--set a.b=value`` overrides any config key (value parsed as YAML).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch bitdistill/train.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bitdistill.convert import convert_to_bitnet, load_student
+from bitdistill.data import DataError, TaskSpec, encode_example, load_corpus_texts, load_task_split, pack_corpus
+from bitdistill.evaluate import evaluate
+from bitdistill.losses import DistillConfig, bitdistill_loss, causal_lm_loss
+from bitdistill.trainer import TrainArgs, train
+
+STAGES = ("sft", "bitnet-sft", "pretrain", "distill")
+SUMMARY_ROWS = (("FP-SFT", "sft"), ("BitNet-SFT", "bitnet-sft"), ("BitDistill", "distill"))
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = PACKAGE_DIR / "configs" / "tiny.yaml"
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:
+    import yaml
+
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file() and (PACKAGE_DIR / path).is_file():
+        path = PACKAGE_DIR / path  # `--config configs/tiny.yaml` from anywhere
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist (see bitdistill/configs/)")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key.path=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def _typed(cls, values: dict) -> dict:
+    """Config values cast to the dataclass fields' number types (YAML reads ``2e-3`` as a string)."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v, kind = values[f.name], str(f.type)
+        try:
+            if v is not None and not isinstance(v, bool) and kind.startswith("float"):
+                v = float(v)
+            elif v is not None and not isinstance(v, bool) and kind.startswith("int"):
+                v = int(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{cls.__name__}.{f.name} must be a number ({kind}), got {v!r}") from None
+        out[f.name] = v
+    return out
+
+
+def stage_train_args(cfg: dict, stage: str) -> TrainArgs:
+    merged = dict(cfg.get("train", {}))
+    section = cfg.get(stage.replace("-", "_"), {}) or {}
+    names = {f.name for f in fields(TrainArgs)}
+    merged.update({k: v for k, v in section.items() if k in names})
+    unknown = set(cfg.get("train", {})) - names
+    if unknown:
+        raise ValueError(f"unknown train keys {sorted(unknown)}; known: {sorted(names)}")
+    return TrainArgs(**_typed(TrainArgs, merged))
+
+
+def distill_config(cfg: dict) -> DistillConfig:
+    section = cfg.get("distill", {}) or {}
+    names = {f.name for f in fields(DistillConfig)}
+    out = DistillConfig(**_typed(DistillConfig, {k: v for k, v in section.items() if k in names}))
+    out.ad_split = tuple(out.ad_split)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory, or a hub id (``org/name``); a path-like name that does not exist is an error."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {str(p)!r} has no config.json (not a HF model directory)")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep in name_or_path.replace(
+            "/", "") or name_or_path.endswith("/"):
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    return name_or_path
+
+
+def load_fp_model(path: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype)
+
+
+def prepare_base(cfg: dict, out: Path, accelerator) -> tuple[str, dict]:
+    """The base FP model path (building the tiny one if none is given) and the tiny data files (if generated)."""
+    from bitdistill import tiny
+
+    model_cfg = cfg.get("model", {}) or {}
+    files = {}
+    if cfg.get("tiny_data", False) or model_cfg.get("name_or_path") is None:
+        with accelerator.main_process_first():  # rank 0 writes, the others read what it wrote
+            files = tiny.generate_data(out / "data", seed=cfg.get("seed", 0), **cfg.get("tiny_data_sizes", {}))
+    if model_cfg.get("name_or_path") is not None:
+        return resolve_model_path(str(model_cfg["name_or_path"])), files
+    with accelerator.main_process_first():
+        path = tiny.build_tiny_base(out / "base", files, seed=cfg.get("seed", 0), **model_cfg.get("tiny", {}))
+    return path, files
+
+
+def save_model(accelerator, model, tokenizer, directory: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer into ``<dir>.tmp``, renamed when complete; rank 0 writes."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.replace(directory)
+    accelerator.wait_for_everyone()
+
+
+def _fill_tiny_paths(cfg: dict, files: dict) -> None:
+    """``tiny:<key>`` in a file setting means a generated tiny data file."""
+    def visit(node):
+        for k, v in list(node.items()):
+            if isinstance(v, dict):
+                visit(v)
+            elif isinstance(v, str) and v.startswith("tiny:"):
+                if v[5:] not in files:
+                    raise DataError(f"{k}: {v!r} names no generated file; known: {sorted(files)}")
+                node[k] = files[v[5:]]
+    visit(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
+    accelerator, tokenizer, out, resume = ctx["accelerator"], ctx["tokenizer"], ctx["out"], ctx["resume"]
+    stage_dir = out / stage
+    result_file = stage_dir / "result.json"
+    if resume and result_file.is_file():
+        accelerator.print(f"[{stage}] already done ({result_file}); skipping")
+        return json.loads(result_file.read_text())
+    if accelerator.is_main_process and not resume:
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        result_file.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    args = stage_train_args(cfg, stage)
+    backend = ctx["backend"]
+    conv = cfg.get("convert", {}) or {}
+    spec, seed = ctx["spec"], int(cfg.get("seed", 0))
+    teacher = None
+
+    if stage == "sft":
+        model = load_fp_model(ctx["base"])
+        examples, loss_fn = ctx["train_examples"], causal_lm_loss
+    elif stage in ("bitnet-sft", "pretrain"):
+        model = convert_to_bitnet(load_fp_model(ctx["base"]), subln=conv.get("subln", True),
+                                  per_channel=conv.get("per_channel", False), backend=backend)
+        loss_fn = causal_lm_loss
+        if stage == "bitnet-sft":
+            examples = ctx["train_examples"]
+        else:
+            pre = cfg.get("pretrain", {}) or {}
+            corpus = pre.get("corpus", {}) or {}
+            texts = load_corpus_texts(corpus.get("file"), corpus.get("name"), corpus.get("subset"),
+                                      corpus.get("split", "train"), corpus.get("text_column", "text"))
+            examples = pack_corpus(tokenizer, texts, int(pre.get("block_size", 128)), pre.get("token_budget"))
+            accelerator.print(f"[pretrain] {len(examples)} blocks x {pre.get('block_size', 128)} tokens")
+    elif stage == "distill":
+        dcfg = distill_config(cfg)
+        section = cfg.get("distill", {}) or {}
+        student_path = Path(section.get("student") or out / "pretrain" / "model")
+        teacher_path = Path(section.get("teacher") or out / "sft" / "model")
+        for role, path, producer in (("student", student_path, "pretrain"), ("teacher", teacher_path, "sft")):
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"[distill] {role} {str(path)!r} does not exist: run the {producer!r} "
+                                        f"stage first (--stages {producer}) or set distill.{role}")
+        model = load_student(student_path, backend=backend)
+        model.train()
+        teacher_dtype = getattr(torch, section.get("teacher_dtype", "bfloat16"))
+        teacher = load_fp_model(str(teacher_path), dtype=teacher_dtype).to(accelerator.device).eval()
+        teacher.requires_grad_(False)
+        vs, vt = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+        if vs != vt:
+            raise ValueError(f"[distill] teacher vocabulary ({vt}, {teacher_path}) differs from the student's "
+                             f"({vs}, {student_path}): both must come from the same base model and tokenizer")
+        loss_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        examples = ctx["train_examples"]
+
+        def loss_fn(m, batch):
+            return bitdistill_loss(m, teacher, batch, dcfg, backend=backend, loss_dtype=loss_dtype)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+    t0 = time.perf_counter()
+    run = train(accelerator, model, examples, loss_fn, args, stage_dir, stage, tokenizer.pad_token_id, seed, resume)
+    seconds = time.perf_counter() - t0
+    model = run["model"]
+    result = {"stage": stage, "steps": run["steps"], "seconds": seconds,
+              "tokens": sum(r.get("tokens", 0) for r in run["history"]), "final": run["history"][-1]}
+    if run["stopped_early"]:
+        accelerator.print(f"[{stage}] stopped after step {run['steps']} (stop_after_steps); rerun with --resume")
+        result["stopped_early"] = True
+        return result
+    save_model(accelerator, model, tokenizer, stage_dir / "model")
+    if stage != "pretrain":
+        result["metrics"] = evaluate(model, tokenizer, spec, ctx["eval_rows"], accelerator,
+                                     batch_size=args.eval_batch_size)
+        accelerator.print(f"[{stage}] eval: {result['metrics']}")
+    if accelerator.is_main_process:
+        (stage_dir / "history.json").write_text(json.dumps(run["history"]))
+        tmp = result_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(result_file)
+    accelerator.wait_for_everyone()
+    del model, teacher
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+
+def summary_table(results: dict, task_type: str) -> str:
+    keys = ["accuracy"] if task_type == "classification" else ["rouge1", "rouge2", "rougeL"]
+    lines = [f"{'model':<12}" + "".join(f"{k:>10}" for k in keys) + f"{'steps':>8}{'tok/s':>10}"]
+    for label, stage in SUMMARY_ROWS:
+        r = results.get(stage)
+        if not r or "metrics" not in r:
+            continue
+        tps = r["tokens"] / r["seconds"] if r.get("seconds") else float("nan")
+        lines.append(f"{label:<12}" + "".join(f"{r['metrics'][k]:>10.2f}" for k in keys)
+                     + f"{r['steps']:>8}{tps:>10.0f}")
+    return "\n".join(lines)
+
+
+def write_plot(results: dict, out: Path, task_type: str) -> Path | None:
+    """Loss curves of every stage run here and the task metric per model, in ``out/summary.png``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    stages = [s for s in STAGES if (out / s / "history.json").is_file()]
+    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        history = json.loads((out / stage / "history.json").read_text())
+        steps = [h["step"] for h in history]
+        for key in ("loss", "ce", "ld", "ad"):
+            if key in history[0] and (key == "loss" or stage == "distill"):
+                ax.plot(steps, [h[key] for h in history], label=key)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    metric = "accuracy" if task_type == "classification" else "rougeL"
+    rows = [(label, results[s]["metrics"][metric]) for label, s in SUMMARY_ROWS if "metrics" in results.get(s, {})]
+    axes[0][-1].bar([r[0] for r in rows], [r[1] for r in rows], color=["tab:gray", "tab:orange", "tab:blue"][:len(rows)])
+    axes[0][-1].set_title(metric)
+    fig.tight_layout()
+    path = out / "summary.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.relative_to(PACKAGE_DIR.parent)})")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)} (default: config)")
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--model", default=None, help="HF model id or local directory (overrides model.name_or_path)")
+    p.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                   help="bitkernels path for BitLinear and the losses: fused Triton (auto on GPU) or the reference")
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue the others from their "
+                                                         "latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    a = parse_args(argv)
+    cfg = load_config(a.config, a.set)
+    if a.output_dir:
+        cfg["output_dir"] = a.output_dir
+    if a.model:
+        cfg.setdefault("model", {})["name_or_path"] = a.model
+    if a.backend:
+        cfg["backend"] = a.backend
+    stages = a.stages.split(",") if a.stages else list(cfg.get("stages", STAGES))
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"unknown stage(s) {bad}; choose from {STAGES}")
+    out = Path(cfg.get("output_dir", "outputs/tiny"))
+    backend = None if cfg.get("backend", "auto") == "auto" else cfg["backend"]
+
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    mixed = cfg.get("mixed_precision", "auto")
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() else "no"
+    # cpu=True on CPU-only hosts: without it a multi-process CPU launch (torchrun) is not seen as distributed
+    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=str(out / "logs"),
+                              cpu=not torch.cuda.is_available())
+    set_seed(int(cfg.get("seed", 0)))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.resolved.yaml").write_text(__import__("yaml").safe_dump(cfg))
+    base, files = prepare_base(cfg, out, accelerator)
+    cfg = copy.deepcopy(cfg)
+    _fill_tiny_paths(cfg, files)
+    if log_with:
+        accelerator.init_trackers("bitdistill")
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    spec = TaskSpec(**(cfg.get("task", {}) or {}))
+    needs_task = any(s != "pretrain" for s in stages)
+    train_rows = load_task_split(spec, "train") if needs_task else []
+    eval_rows = load_task_split(spec, "eval") if needs_task else []
+    if spec.type == "classification" and needs_task:
+        from bitdistill.data import label_token_ids
+
+        label_token_ids(tokenizer, spec.label_words)  # fail early on ambiguous label words
+    ctx = {"accelerator": accelerator, "tokenizer": tokenizer, "out": out, "resume": a.resume, "base": base,
+           "backend": backend, "spec": spec, "eval_rows": eval_rows,
+           "train_examples": [encode_example(tokenizer, spec, r) for r in train_rows]}
+
+    results = {}
+    for stage in stages:
+        results[stage] = run_stage(stage, cfg, ctx)
+    for stage in STAGES:  # include earlier runs' results in the table
+        if stage not in results and (out / stage / "result.json").is_file():
+            results[stage] = json.loads((out / stage / "result.json").read_text())
+    table = summary_table(results, spec.type)
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(results, indent=1))
+        plot = write_plot(results, out, spec.type)
+        print(f"\n{table}\n\nresults: {out / 'summary.json'}" + (f"\nplot: {plot}" if plot else ""))
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
