@@ -1,0 +1,115 @@
+"""python -m cpu_ref {pack, generate, classify, bench}
+
+    python -m cpu_ref pack STUDENT_DIR OUT_DIR [--packing i2|tq1]     # a bitdistill student -> packed directory
+    python -m cpu_ref generate OUT_DIR --prompt "text" [--max-new-tokens 32] [--check STUDENT_DIR]
+    python -m cpu_ref classify OUT_DIR --prompt "text" --labels yes,no   # or --ids 1,2 --label-ids 3,4
+    python -m cpu_ref bench [--student STUDENT_DIR] [--preset qwen3-0.6b]   # see cpu_ref/measure.py
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise SystemExit(f"{path}: no usable tokenizer ({exc}); pack with the student directory that has one, "
+                         "or pass token ids with --ids") from exc
+
+
+def _prompt_ids(args):
+    if args.ids:
+        return torch.tensor([[int(t) for t in args.ids.split(",")]])
+    if args.prompt is None:
+        raise SystemExit("give --prompt TEXT or --ids 1,2,3")
+    return _tokenizer(args.model).encode(args.prompt, return_tensors="pt")
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "bench":
+        from .measure import main as bench_main
+
+        return bench_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m cpu_ref", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("pack", help="pack a bitdistill student directory")
+    pk.add_argument("student")
+    pk.add_argument("out")
+    pk.add_argument("--packing", default="i2", choices=["i2", "tq1"])
+    pk.add_argument("--float-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    for name in ("generate", "classify"):
+        s = sub.add_parser(name)
+        s.add_argument("model", help="a packed directory")
+        s.add_argument("--prompt", default=None)
+        s.add_argument("--ids", default=None, help="comma-separated token ids instead of --prompt")
+        s.add_argument("--threads", type=int, default=None)
+        s.add_argument("--float-dtype", default="float32", choices=["float32", "bfloat16"])
+        if name == "generate":
+            s.add_argument("--max-new-tokens", type=int, default=32)
+            s.add_argument("--check", default=None, help="student directory: assert the same greedy tokens")
+        else:
+            s.add_argument("--labels", default=None, help="comma-separated label words (needs the tokenizer)")
+            s.add_argument("--label-ids", default=None, help="comma-separated label token ids instead of --labels")
+    sub.add_parser("bench", help="measurement (see cpu_ref/measure.py)")
+    args = p.parse_args(argv)
+
+    from . import load_packed, save_packed
+
+    if args.cmd == "pack":
+        from bitdistill.convert import load_student
+
+        student = load_student(args.student, backend="torch", dtype=torch.float32)
+        out = save_packed(student, args.out, args.packing, getattr(torch, args.float_dtype), tokenizer_dir=args.student)
+        print(f"wrote {out}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_packed(args.model, n_threads=args.threads, float_dtype=getattr(torch, args.float_dtype))
+    ids = _prompt_ids(args)
+    from .runner import classify, greedy_generate
+
+    if args.cmd == "generate":
+        r = greedy_generate(model, ids, args.max_new_tokens, getattr(model.config, "eos_token_id", None))
+        new = r["tokens"][0, ids.shape[1]:].tolist()
+        text = _tokenizer(args.model).decode(new) if args.prompt is not None else new
+        print(text)
+        print(f"prefill {r['prompt_len'] / r['prefill_s']:.1f} tok/s, decode "
+              f"{r['decode_steps'] / max(r['decode_s'], 1e-9):.2f} tok/s", file=sys.stderr)
+        if args.check:
+            from bitdistill.convert import load_student
+
+            ref = greedy_generate(load_student(args.check, backend="torch", dtype=torch.float32), ids,
+                                  args.max_new_tokens, getattr(model.config, "eos_token_id", None))["tokens"]
+            same = torch.equal(ref, r["tokens"])
+            print(f"same greedy tokens as the PyTorch student: {same}", file=sys.stderr)
+            return 0 if same else 1
+        return 0
+    if args.label_ids:
+        label_ids = [int(t) for t in args.label_ids.split(",")]
+        labels = [str(t) for t in label_ids]
+    elif args.labels:
+        from bitdistill.data import label_token_ids
+
+        labels = args.labels.split(",")
+        label_ids = label_token_ids(_tokenizer(args.model), labels)
+    else:
+        raise SystemExit("give --labels word1,word2 or --label-ids 11,12")
+    t0 = time.perf_counter()
+    pred, logits = classify(model, [ids[0]], label_ids)
+    print(labels[pred[0]])
+    print(f"label logits {logits[0].tolist()} ({time.perf_counter() - t0:.3f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The deployment measurement: packed student vs the same model in torch fp32 / bf16 / fp16, on this CPU, one run.
+
+    python -m cpu_ref bench                          # random Qwen3-0.6B-shaped student
+    python -m cpu_ref bench --student runs/x/student # your distilled student (bitdistill save_pretrained dir)
+
+For each variant and thread count a fresh process loads the model, warms up, then times one greedy run: prefill of
+``--prompt-len`` tokens and ``--decode`` steps at batch 1 (KV cache). Peak RSS is that process's ru_maxrss.
+Variants: ``packed-i2`` (everything not packed in fp32: the twin of the PyTorch student), ``packed-i2-bf16head``
+(the same with the embedding / lm_head table in bf16, float32 arithmetic: the deployment setting), ``torch-fp32``, ``torch-bf16``, ``torch-fp16`` (only where the CPU has
+native fp16 arithmetic: avx512_fp16 or amx_fp16). Baselines are the student's architecture as a plain FP model
+(its latent weights in nn.Linear, no SubLN), loaded with from_pretrained from a checkpoint of that dtype.
+Before timing, the packed model's greedy tokens are compared with the PyTorch student's (bitkernels reference).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+PRESETS = {
+    # Qwen3-0.6B's shapes (hidden 1024, 28 layers, 16 q / 8 kv heads of 128, MLP 3072, vocab 151936, tied).
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True),
+}
+VARIANTS = ("packed-i2", "packed-i2-bf16head", "torch-fp32", "torch-bf16", "torch-fp16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def all_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _random_student(preset: str, seed: int):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from bitdistill.convert import convert_to_bitnet
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**PRESETS[preset]), dtype=torch.float32).eval()
+    convert_to_bitnet(model, subln=True, quantize=True, backend="torch")
+    with torch.no_grad():  # SubLN gains away from 1 so that the test sees them
+        for name, p in model.named_parameters():
+            if name.endswith("subln.weight"):
+                p.uniform_(0.8, 1.2)
+    return model
+
+
+def _save_fp_baseline(student, out: pathlib.Path, dtype: torch.dtype) -> None:
+    """The student's architecture as a plain FP HF checkpoint (latent weights, no SubLN, no conversion record)."""
+    from safetensors.torch import save_file
+
+    config = student.config.to_dict()
+    config.pop("bitdistill", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    state, seen = {}, set()
+    for k, v in student.state_dict().items():
+        if ".subln." in k or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.detach().to(dtype).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def prepare(args, work: pathlib.Path) -> dict:
+    """Build (or load) the student, write the packed and baseline checkpoints, check greedy equality."""
+    from . import linear_weight_bytes, load_packed, save_packed
+    from .runner import greedy_generate
+
+    t0 = time.perf_counter()
+    if args.student:
+        from bitdistill.convert import load_student
+
+        student = load_student(args.student, backend="torch", dtype=torch.float32)
+        source = str(args.student)
+    else:
+        student = _random_student(args.preset, args.seed)
+        source = f"random {args.preset} (seed {args.seed})"
+    info = {"source": source, "n_params": sum(p.numel() for p in student.parameters())}
+    save_packed(student, work / "packed-i2", "i2", torch.float32, tokenizer_dir=args.student)
+    save_packed(student, work / "packed-i2-bf16head", "i2", torch.float32, tokenizer_dir=args.student,
+                head_dtype=torch.bfloat16)
+    save_packed(student, work / "packed-tq1", "tq1", torch.float32, tokenizer_dir=args.student)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if f"torch-{name}" in args.variants:
+            _save_fp_baseline(student, work / f"torch-{name}", dtype)
+    packed = load_packed(work / "packed-i2")
+    lin = linear_weight_bytes(packed)
+    tq1_file = (work / "packed-tq1" / "cpu_ref.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tq1_file), framework="pt") as f:
+        numel = {k: int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys()}
+    tq1_linear = sum(n for k, n in numel.items() if k.endswith(".qweight"))
+    tq1_linear += sum(4 * n for k, n in numel.items() if k.endswith(".weight_scale"))
+    info["weight_bytes"] = {
+        "linear_fp16": lin["fp16"], "linear_fp32": lin["fp32"], "linear_i2": lin["i2"], "linear_tq1": tq1_linear,
+        "ratio_fp16_over_i2": lin["fp16"] / lin["i2"], "ratio_fp16_over_tq1": lin["fp16"] / tq1_linear,
+        "file_packed_i2": (work / "packed-i2" / "cpu_ref.safetensors").stat().st_size,
+        "file_packed_i2_bf16head": (work / "packed-i2-bf16head" / "cpu_ref.safetensors").stat().st_size,
+        "file_packed_tq1": tq1_file.stat().st_size,
+        **{f"file_torch_{n}": (work / f"torch-{n}" / "model.safetensors").stat().st_size
+           for n in ("fp32", "bf16", "fp16") if (work / f"torch-{n}").is_dir()},
+    }
+    # Greedy decode on a fixed prompt: the packed model against (1) its exact integer twin in torch (must be equal,
+    # logits bit for bit) and (2) the PyTorch student (fake-quantized float32 matmuls: equal up to float rounding
+    # moving an int8 code; on a near-tie argmax the tokens can part, so we report where and by what margin).
+    from .reference import exact_reference
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    prompt = torch.randint(0, student.config.vocab_size, (1, args.check_prompt_len), generator=g)
+    got = greedy_generate(packed, prompt, args.check_tokens)["tokens"]
+    exact = exact_reference(student)
+    exact_tokens = greedy_generate(exact, prompt, args.check_tokens)["tokens"]
+    with torch.inference_mode():
+        exact_logits_equal = bool(torch.equal(exact(input_ids=got).logits, packed(input_ids=got).logits))
+    del exact
+    ref = greedy_generate(student, prompt, args.check_tokens)["tokens"]
+    with torch.inference_mode():
+        lr, lp = student(input_ids=ref).logits, packed(input_ids=ref).logits
+    differ = (ref[0] != got[0]).nonzero()
+    first = int(differ[0]) if len(differ) else None
+    margin = None
+    if first is not None:
+        top2 = lr[0, first - 1].float().topk(2).values
+        margin = float(top2[0] - top2[1])
+    info["check"] = {"prompt_len": args.check_prompt_len, "new_tokens": args.check_tokens,
+                     "greedy_equal_exact_int_reference": bool(torch.equal(exact_tokens, got)),
+                     "logits_equal_exact_int_reference": exact_logits_equal,
+                     "greedy_equal": bool(torch.equal(ref, got)),
+                     "first_differing_new_token": None if first is None else first - args.check_prompt_len,
+                     "student_top2_margin_there": margin,
+                     "logits_max_abs_diff": float((lr - lp).abs().max()), "logits_max_abs": float(lr.abs().max())}
+    info["prepare_s"] = time.perf_counter() - t0
+    del student, packed
+    return info
+
+
+def worker(variant: str, model_dir: str, threads: int, prompt_len: int, decode: int, seed: int) -> dict:
+    """One fresh process: load, warm up, time prefill + decode, report peak RSS."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if variant.startswith("packed"):
+        from . import load_packed
+
+        model = load_packed(model_dir, n_threads=threads,
+                            head_dtype=torch.bfloat16 if variant.endswith("bf16head") else None)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        dtype = {"torch-fp32": torch.float32, "torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}[variant]
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    load_s = time.perf_counter() - t0
+    from .runner import greedy_generate
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    greedy_generate(model, torch.randint(0, vocab, (1, 8), generator=g), 3)  # warm-up: kernel load, allocator
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    r = greedy_generate(model, prompt, decode + 1)
+    return {"variant": variant, "threads": threads, "load_s": load_s,
+            "prefill_tok_s": prompt_len / r["prefill_s"], "decode_tok_s": r["decode_steps"] / r["decode_s"],
+            "prefill_s": r["prefill_s"], "decode_s": r["decode_s"], "decode_steps": r["decode_steps"],
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across fork + exec, so a worker
+    started by a big parent would report the parent's size."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run_worker(variant, model_dir, threads, args) -> dict:
+    cmd = [sys.executable, "-m", "cpu_ref.measure", "--worker", variant, "--model-dir", str(model_dir),
+           "--threads", str(threads), "--prompt-len", str(args.prompt_len), "--decode", str(args.decode),
+           "--seed", str(args.seed)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"variant": variant, "threads": threads, "error": proc.stderr.strip().splitlines()[-1][:300]
+                if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(result: dict) -> str:
+    rows = result["runs"]
+    base = {(r["variant"], r["threads"]): r for r in rows if "error" not in r}
+    lines = [f"{'variant':<19} {'thr':>3} {'prefill tok/s':>13} {'decode tok/s':>12} {'x fp32 dec':>10} "
+             f"{'x fp32 pre':>10} {'peak RSS MiB':>12}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:<19} {r['threads']:>3} FAILED: {r['error']}")
+            continue
+        f = base.get(("torch-fp32", r["threads"]))
+        xd = f"{r['decode_tok_s'] / f['decode_tok_s']:.2f}" if f else "-"
+        xp = f"{r['prefill_tok_s'] / f['prefill_tok_s']:.2f}" if f else "-"
+        lines.append(f"{r['variant']:<19} {r['threads']:>3} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} "
+                     f"{xd:>10} {xp:>10} {r['peak_rss_bytes'] / 2**20:>12.0f}")
+    wb = result["prepare"]["weight_bytes"]
+    lines.append(f"linear weights: fp16 {wb['linear_fp16'] / 2**20:.1f} MiB, i2 {wb['linear_i2'] / 2**20:.1f} MiB "
+                 f"(fp16/i2 = {wb['ratio_fp16_over_i2']:.3f}), tq1 {wb['linear_tq1'] / 2**20:.1f} MiB "
+                 f"(fp16/tq1 = {wb['ratio_fp16_over_tq1']:.3f})")
+    c = result["prepare"]["check"]
+    lines.append(f"exact integer reference: greedy tokens equal {c['greedy_equal_exact_int_reference']}, logits bit "
+                 f"for bit {c['logits_equal_exact_int_reference']} ({c['new_tokens']} new tokens)")
+    lines.append(f"PyTorch student: greedy tokens equal {c['greedy_equal']}"
+                 + ("" if c["greedy_equal"] else f" (first differing new token {c['first_differing_new_token']}, "
+                    f"student top-2 margin there {c['student_top2_margin_there']:.2e})")
+                 + f"; logits max |diff| {c['logits_max_abs_diff']:.2e} (max |logit| {c['logits_max_abs']:.2f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default=None, help="a bitdistill student directory (default: a random preset)")
+    p.add_argument("--preset", default="qwen3-0.6b", choices=sorted(PRESETS))
+    p.add_argument("--threads", default="1,all", help="comma list of thread counts; 'all' = every usable core")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--decode", type=int, default=16, help="decode steps timed after the prefill")
+    p.add_argument("--check-prompt-len", type=int, default=16)
+    p.add_argument("--check-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/cpu_ref-<cpu>-<date>.json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, int(args.threads), args.prompt_len, args.decode,
+                                args.seed)))
+        return 0
+
+    from . import _build
+
+    flags = cpu_flags()
+    fp16_native = bool({"avx512_fp16", "amx_fp16"} & flags)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}; choose among {VARIANTS}")
+    if "torch-fp16" in variants and not fp16_native:
+        variants.remove("torch-fp16")
+    args.variants = ",".join(variants)
+    n_all = all_threads()
+    threads = sorted({n_all if t == "all" else int(t) for t in args.threads.split(",")})
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+            "threads_available": n_all, "kernel_isa": _build.isa(),
+            "openmp_runtimes": _build.openmp_runtimes(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "fp16_native": fp16_native,
+            "avx512_vnni": "avx512_vnni" in flags, "amx": "amx_tile" in flags,
+            "prompt_len": args.prompt_len, "decode_steps": args.decode}
+    print(json.dumps(meta), flush=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = pathlib.Path(tmp)
+        info = prepare(args, work)
+        print(json.dumps(info), flush=True)
+        runs = []
+        for t in threads:
+            for v in variants:
+                r = _run_worker(v, work / v, t, args)
+                runs.append(r)
+                print(json.dumps(r), flush=True)
+    result = {"meta": meta, "prepare": info, "runs": runs}
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["cpu"]).strip("-").lower()[:40]
+    out = pathlib.Path(args.out) if args.out else (
+        pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / f"cpu_ref-{slug}-{meta['date'][:10]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}\n")
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
