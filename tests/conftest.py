@@ -7,6 +7,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Many random shapes would each trigger a full autotuning sweep: test the default config unless asked otherwise
+# (`BITKERNELS_AUTOTUNE=1 pytest -m gpu` checks every tuned config at the realistic shapes).
+os.environ.setdefault("BITKERNELS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

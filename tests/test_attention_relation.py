@@ -133,7 +133,9 @@ def test_single_position_and_empty_inputs(device):
     t, s = torch.randn(3, 1, 16, device=device), torch.randn(3, 1, 16, device=device).requires_grad_()
     loss = ops.attention_relation_kl(t, s, 2)
     loss.backward()
-    assert loss.item() == 0.0 and (s.grad == 0).all()  # one key: both relations are [1]
+    # one key: both relations are [1]; KL and its gradient (p_s - p_t) cancel to rounding level (exp2 of a value
+    # that is zero only up to an FMA residue on the GPU)
+    assert abs(loss.item()) <= 1e-6 and s.grad.abs().max().item() <= 1e-6
     s0 = torch.randn(2, 0, 16, device=device).requires_grad_()
     loss0 = ops.attention_relation_kl(torch.randn(2, 0, 8, device=device), s0, 2)
     loss0.backward()

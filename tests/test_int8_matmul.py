@@ -1,4 +1,4 @@
-"""int8 x int8 -> int32 GEMM with scale/bias epilogue, and the dequant-in-load backward GEMMs, vs float64."""
+"""int8 x int8 -> int32 GEMM with scale/bias epilogue, the dequantization and the backward GEMMs, vs float64."""
 import pytest
 import torch
 
@@ -50,31 +50,46 @@ def test_int8_matmul_empty(device):
     assert ops.int8_matmul(a, b, torch.ones(0, device=device), torch.ones((), device=device)).shape == (0, 5)
 
 
+@pytest.mark.parametrize("m,k", [(1, 5), (19, 45), (40, 600), (0, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_int8_matches_reference_exactly(device, m, k, dtype):
+    # codes * scale in fp32, one rounding to dtype: bit-identical to the reference (per-row and per-tensor scale;
+    # 600 columns cross the kernel's 512-wide tile, 19/40 rows its 16-row tile)
+    q = codes(m, k, device=device)
+    for s in (torch.rand(m, device=device) + 0.01, torch.rand((), device=device) * 3):
+        out = ops.dequantize_int8(q, s, dtype)
+        assert out.dtype == dtype and out.shape == (m, k)
+        assert torch.equal(out, ref.dequantize_int8(q, s, dtype))
+    assert torch.equal(ops.dequantize_int8(q.t().contiguous().t(), torch.ones(m, device=device), dtype),
+                       q.to(dtype))  # a column-major view is read correctly
+
+
+def test_dequantize_int8_bad_input(device):
+    with pytest.raises(TypeError, match="2-D int8"):
+        ops.dequantize_int8(torch.zeros(3, 4, device=device), torch.ones(3, device=device), torch.float32)
+    with pytest.raises(ValueError, match="2 entries for 3 rows"):
+        ops.dequantize_int8(codes(3, 4, device=device), torch.ones(2, device=device), torch.float32)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 3, 5), (19, 33, 45)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("codes_on_a", [True, False])
-def test_backward_gemms_dequantize_in_loads(device, m, n, k, dtype, codes_on_a):
+def test_backward_gemms_match_reference(device, m, n, k, dtype):
     # grad_x = dy @ (Wq * s) (s per tensor or per output row) and grad_W = dy^T @ (xq * a): the dequantized operand
-    # must equal the reference's fake-quantized tensor rounded to the dot's dtype.
+    # must equal the reference's fake-quantized tensor rounded to the gradient's dtype.
     dy = torch.randn(m, n, device=device, dtype=dtype)
     wq, xq = codes(n, k, lo=-1, hi=1, device=device), codes(m, k, device=device)
     a = torch.rand(m, device=device) + 0.01
     for s in (torch.rand((), device=device) + 0.1, torch.rand(n, device=device) + 0.1):
         w_deq = (wq.float() * (s[:, None] if s.dim() else s)).to(dtype)
-        gx = torch.full((m, k), float("nan"), device=device, dtype=dtype)
-        gx = ops.bitlinear_grad_input(dy, wq, s, codes_on_a=codes_on_a)
+        gx = ops.bitlinear_grad_input(dy, wq, s)
         assert gx.dtype == dtype and gx.shape == (m, k)
         assert rel(gx, dy.double() @ w_deq.double()) <= TOL[dtype]
-    x_deq = (xq.float() * a[:, None]).to(dtype)
-    gw = ops.bitlinear_grad_weight(dy, xq, a, torch.float32, codes_on_a=codes_on_a)
+        torch.testing.assert_close(gx, ref.bitlinear_grad_input(dy, wq, s))
+    x_deq = ops.dequantize_int8(xq, a, dtype)
+    gw = ops.bitlinear_grad_weight(dy, x_deq, torch.float32)
     assert gw.dtype == torch.float32 and gw.shape == (n, k)
-    assert rel(gw, dy.double().t() @ x_deq.double()) <= TOL[dtype]
-
-
-def test_dequant_matmul_needs_exactly_one_int8_operand(device):
-    a = torch.randn(4, 8, device=device)
-    with pytest.raises(TypeError, match="exactly one operand"):
-        ops.dequant_matmul(a, torch.randn(8, 3, device=device), torch.ones(()), torch.empty(4, 3, device=device))
+    assert rel(gw, dy.double().t() @ (xq.float() * a[:, None]).to(dtype).double()) <= TOL[dtype]
+    torch.testing.assert_close(gw, ref.bitlinear_grad_weight(dy, x_deq, torch.float32))
 
 
 @pytest.mark.gpu
@@ -89,5 +104,5 @@ def test_int8_matmul_realistic(device, m, n, k):
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     gx = ops.bitlinear_grad_input(dy, b, sb)
     assert rel(gx, dy.float() @ (b.float() * sb).bfloat16().float()) <= 8e-3
-    gw = ops.bitlinear_grad_weight(dy, a, sa, torch.bfloat16)
+    gw = ops.bitlinear_grad_weight(dy, ops.dequantize_int8(a, sa, torch.bfloat16), torch.bfloat16)
     assert rel(gw, dy.float().t() @ (a.float() * sa[:, None]).bfloat16().float()) <= 8e-3

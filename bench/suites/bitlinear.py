@@ -3,7 +3,7 @@
 Rows: the linear shapes of Qwen3-0.6B / 1.7B / 4B (hidden -> intermediate, and 4B's down_proj) at 8192 and 2048
 tokens, bf16 activations and weights; fwd+bwd (a training step of the layer, weight quantized every call as after an
 optimizer step) and forward only. Implementations:
-    ours               bitkernels.ops.bitlinear: int8 tensor-core forward, dequant-in-load backward; keeps x alone
+    ours               bitkernels.ops.bitlinear: int8 tensor-core forward, cuBLAS backward on dequantized codes; keeps x alone
                        (exact SubLN gradients) and rebuilds the int8 codes in the backward
     ours_save_codes    the same keeping only the int8 codes (save_input=False: approximate SubLN gradients)
     ours_cached_w      forward only, ternary codes cached (eval / gradient-accumulation micro-steps)
@@ -12,6 +12,7 @@ optimizer step) and forward only. Implementations:
     floor_bf16_3gemm   the three cuBLAS bf16 GEMMs of the step (fwd, grad_x, grad_W) and nothing else
     cublas_linear      forward only: F.linear in bf16 alone (no norm)
     int8_gemm_only     the forward int8 GEMM alone (codes already made)
+    part_*             the pieces of `ours` fwd+bwd timed alone: where its time goes
 notes: saved_MiB_* = device memory held for backward after the forward (minus the output; the input counted when it
 is saved; newly made weight copies such as the ternary codes counted too), per implementation.
 """
@@ -115,15 +116,14 @@ def cases(device: torch.device, quick: bool):
             wc, ws = ops.ternarize_absmean(wd)
             xc, xs, rstd = ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, 1e-5)
             gh = dy @ (wc.to(dtype) * ws.to(dtype))
+            xq = ops.dequantize_int8(xc, xs, dtype)
             impls.update({
                 "part_ternarize_w": lambda wd=wd: ops.ternarize_absmean(wd),
                 "part_subln_quant": lambda xd=xd, nwd=nwd: ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, 1e-5),
                 "part_int8_gemm": lambda xc=xc, xs=xs, wc=wc, ws=ws: ops.int8_matmul(xc, wc, xs, ws),
+                "part_dequantize_x": lambda xc=xc, xs=xs: ops.dequantize_int8(xc, xs, dtype),
                 "part_grad_x_gemm": lambda dy=dy, wc=wc, ws=ws: ops.bitlinear_grad_input(dy, wc, ws),
-                "part_grad_w_gemm": lambda dy=dy, xc=xc, xs=xs: ops.bitlinear_grad_weight(dy, xc, xs, dtype),
-                "part_grad_x_codes_on_b": lambda dy=dy, wc=wc, ws=ws: ops.bitlinear_grad_input(dy, wc, ws, False),
-                "part_grad_w_codes_on_b": lambda dy=dy, xc=xc, xs=xs: ops.bitlinear_grad_weight(dy, xc, xs, dtype,
-                                                                                               False),
+                "part_grad_w_gemm": lambda dy=dy, xq=xq: ops.bitlinear_grad_weight(dy, xq, dtype),
                 "part_subln_bwd": lambda gh=gh, xc=xc, xs=xs, rstd=rstd, nwd=nwd: _subln_bwd(gh, xc, xs, rstd, nwd),
             })
             notes = {f"saved_MiB_{name}": (lambda b: None if b is None else round(b / 2 ** 20, 2))(
@@ -148,6 +148,5 @@ def cases(device: torch.device, quick: bool):
         import importlib
 
         mm = importlib.import_module("bitkernels.ops.int8_matmul")  # the module, not ops.int8_matmul the function
-        for kernel in (mm._int8_matmul_kernel, mm._dequant_matmul_kernel):
-            for key, cfg in kernel.cache.items():
-                print(f"autotune {kernel.fn.__name__} {key}: {cfg}", flush=True)
+        for key, cfg in mm._int8_matmul_kernel.cache.items():
+            print(f"autotune _int8_matmul_kernel {key}: {cfg}", flush=True)

@@ -2,8 +2,9 @@
 ``bitkernels.reference``. Importing this package needs Triton."""
 from .attention_relation import attention_relation_distill_loss, attention_relation_kl
 from .distill_loss import distill_kl, fused_linear_distill_loss
-from .bitlinear import bitlinear, bitlinear_inference, ternarize_cached
-from .int8_matmul import bitlinear_grad_input, bitlinear_grad_weight, dequant_matmul, int8_matmul
+from .bitlinear import bitlinear, bitlinear_grad_input, bitlinear_grad_weight, bitlinear_inference, ternarize_cached
+from .dequantize import dequantize_int8
+from .int8_matmul import int8_matmul
 from .act_quant import fake_quantize_activations, quantize_activations_int8
 from .rmsnorm_quant import rmsnorm_backward, rmsnorm_fake_quantize, rmsnorm_quantize_int8, rmsnorm_quantize_int8_forward
 from .ternarize import fake_quantize_weight, ternarize_absmean

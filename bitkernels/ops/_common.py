@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -10,6 +11,9 @@ import triton.language as tl
 MAX_ROW = 65536  # kernels that keep a row in registers refuse longer ones (backend='torch' takes them)
 SINGLE_PASS_MAX = 8192  # forward quantizers keep rows up to this padded length in registers, else walk chunks
 CHUNK = 4096
+# Autotuned kernels (GEMMs, attention relation) try each config per new shape key. BITKERNELS_AUTOTUNE=0 takes the
+# first (default) config without timing runs: tests over many random shapes then compile once instead of tuning each.
+AUTOTUNE = os.environ.get("BITKERNELS_AUTOTUNE", "1") != "0"
 
 
 @triton.jit

@@ -20,7 +20,6 @@ gradient product per tile pair, no atomics, each program writes its own rows of 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -28,7 +27,7 @@ import triton.language as tl
 
 from ..backend import triton_interpreter_enabled
 from ..reference.attention_relation import as_tokens_by_features
-from ._common import cast_to, on_device
+from ._common import AUTOTUNE, cast_to, on_device
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -36,7 +35,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 M_INIT = tl.constexpr(-1.0e30)
 MAX_HEAD_DIM = 256  # query tiles of both models stay on chip; wider relation heads take backend='torch'
 SHARED_MEMORY_BUDGET = 200 * 1024  # of the H100's 227 KiB per block, leaving room for Triton's layout scratch
-TUNING = os.environ.get("BITKERNELS_AUTOTUNE", "1") != "0"  # "0": first fitting config, no tuning runs (fast tests)
 
 
 def _configs(block_pairs):
@@ -57,7 +55,7 @@ def _prune_by_shared_memory(configs, named_args, **kwargs):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         return (m + c.num_stages * n) * row_bytes + m * n * 4  # resident query rows + staged key rows + dz tile
     fitting = [c for c in configs[:-1] if need(c) <= SHARED_MEMORY_BUDGET]
-    if not TUNING:
+    if not AUTOTUNE:
         fitting = fitting[:1]
     return fitting or configs[-1:]
 

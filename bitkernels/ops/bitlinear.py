@@ -3,8 +3,9 @@
 Forward:  (SubLN RMSNorm +) per-token int8 quantization of x in one pass (``rmsnorm_quant`` / ``act_quant``), then
           ``int8_matmul`` with the two scales and the bias in its epilogue. The ternary weight codes come from
           ``ternarize_cached``: computed once per weight version, not once per call.
-Backward: straight-through estimator. grad_h = grad_y @ (Wq*s) and grad_W = grad_y^T @ (xq*a/127) are GEMMs that
-          dequantize the int8 codes in their loads; then the SubLN RMSNorm backward.
+Backward: straight-through estimator. grad_h = grad_y @ (Wq*s) and grad_W = grad_y^T @ (xq*a/127) on cuBLAS, each
+          over a dequantized copy of the codes made right before it and freed right after (``dequantize_int8``; with
+          SubLN and ``save_input`` the re-quantizing pass writes xq*a/127 directly); then the SubLN RMSNorm backward.
 Saved:    without SubLN: the int8 activation codes + fp32 per-token scale (1 byte per element; plain nn.Linear
           keeps the bf16 input, 2). With SubLN the RMSNorm backward needs x*rstd, two choices:
           ``save_input=True`` (the default of BitLinear and of ``bitlinear``): keep x only (2 bytes per element,
@@ -22,7 +23,8 @@ import torch
 from ..reference.quantization import ACT_EPS, WEIGHT_EPS
 from ._common import as_rows, row_block
 from .act_quant import quantize_activations_int8
-from .int8_matmul import bitlinear_grad_input, bitlinear_grad_weight, int8_matmul
+from .dequantize import dequantize_int8
+from .int8_matmul import int8_matmul
 from .rmsnorm_quant import rmsnorm_backward, rmsnorm_quantize_int8_forward
 from .ternarize import ternarize_absmean
 
@@ -55,6 +57,17 @@ def quantize_input(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps:
     return rmsnorm_quantize_int8_forward(x2, norm_weight, norm_eps, act_eps)
 
 
+def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """grad_x [M, K] = grad_y [M, N] @ (Wq * s), Wq int8 [N, K], s per tensor [] or per output channel [N]; the
+    dequantized weight is rounded to grad_y's dtype, as the reference's fake-quantized weight is."""
+    return grad_y @ dequantize_int8(w_codes, w_scale, grad_y.dtype)
+
+
+def bitlinear_grad_weight(grad_y: torch.Tensor, x_deq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """grad_W [N, K] = grad_y^T [N, M] @ x_deq [M, K] (the dequantized activations xq * a/127) in ``out_dtype``."""
+    return (grad_y.t() @ x_deq).to(out_dtype)
+
+
 class BitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input):
@@ -77,7 +90,9 @@ class BitLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         codes, a_scale, w_codes, w_scale, norm_weight, rstd, x2 = ctx.saved_tensors
         if x2 is not None:  # one memory-bound pass over x instead of keeping x and its codes both alive
-            codes, a_scale, rstd = rmsnorm_quantize_int8_forward(x2, norm_weight, ctx.norm_eps, ctx.act_eps)
+            x_deq, _, rstd = rmsnorm_quantize_int8_forward(x2, norm_weight, ctx.norm_eps, ctx.act_eps, dequantize=True)
+        else:
+            x_deq = None
         n = w_codes.shape[0]
         g2 = grad_y.reshape(-1, n)
         if g2.stride(-1) != 1:
@@ -93,7 +108,9 @@ class BitLinearFunction(torch.autograd.Function):
                 grad_x, grad_nw = rmsnorm_backward(grad_h, codes, norm_weight, rstd, a_scale, grad_y.dtype)
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = bitlinear_grad_weight(g2, codes, a_scale, ctx.weight_dtype)
+            if x_deq is None:
+                x_deq = dequantize_int8(codes, a_scale, g2.dtype)
+            grad_w = bitlinear_grad_weight(g2, x_deq.to(g2.dtype), ctx.weight_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, grad_nw, None, None, None, None, None

@@ -1,15 +1,9 @@
-"""The GEMMs of BitLinear.
+"""The forward GEMM of BitLinear.
 
-Forward: ``int8_matmul`` multiplies int8 activation codes [M, K] by int8 ternary weight codes [N, K] on the integer
-tensor cores (int32 accumulation, exact for K < 2**17) and applies the per-token scale, the weight scale (per tensor
-or per output channel) and the bias in the epilogue: one rounding to the output dtype, no int32 tensor in HBM.
-
-Backward (straight-through): both gradients are float GEMMs with one int8-code operand. ``dequant_matmul``
-dequantizes the codes while loading them (codes * scale, rounded to the dot's dtype exactly as the reference's
-fake-quantized tensor is), so no dequantized copy of W or of the activations is ever written to HBM. Both are
-computed transposed, so that the codes are the left (register) operand of the tensor-core instruction:
-    grad_x^T = (Wq * s)^T @ grad_y^T        A = Wq^T view [K, N],  B = grad_y^T view,  scale along the reduction (N)
-    grad_W^T = (xq * a)^T @ grad_y          A = xq^T view [K, M],  B = grad_y [M, N],  scale along the reduction (M)
+``int8_matmul`` multiplies int8 activation codes [M, K] by int8 ternary weight codes [N, K] on the integer tensor
+cores (int32 accumulation, exact for K < 2**17) and applies the per-token scale, the weight scale (per tensor or per
+output channel) and the bias in the epilogue: one rounding to the output dtype, no int32 tensor in HBM. The backward
+GEMMs (float gradients times dequantized codes) run on cuBLAS: see ``ops.bitlinear``.
 """
 from __future__ import annotations
 
@@ -19,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, on_device
+from ._common import AUTOTUNE, cast_to, on_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,8 +21,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _configs(hopper_like: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     if _INTERPRET:  # the interpreter runs every config it is given: one small one keeps CPU tests fast
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in hopper_like]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in hopper_like]
+    return configs if AUTOTUNE else configs[:1]  # the first is the untuned default (fits Hopper and Ampere)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper: 128x256 / 256x128 tiles with 8 warps (two warpgroups
@@ -37,10 +32,6 @@ def _configs(hopper_like: list[tuple[int, int, int, int, int]]) -> list[triton.C
 _INT8_CONFIGS = _configs([
     (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
     (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4),
-])
-_FLOAT_CONFIGS = _configs([
-    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 4, 4),
-    (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
 ])
 
 
@@ -122,127 +113,4 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
             a_codes, b_codes, out, a_scale, b_scale, bias if bias is not None else b_scale, m, n, k, _bucket(m),
             a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0), out.stride(1),
             PER_CHANNEL=per_channel, HAS_BIAS=bias is not None)
-    return out
-
-
-@triton.autotune(configs=_FLOAT_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "SCALE_MODE", "CODES_ON_A", "LAYOUT"])
-@triton.jit
-def _dequant_matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LAYOUT,
-                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                           SCALE_MODE: tl.constexpr, CODES_ON_A: tl.constexpr, IEEE: tl.constexpr,
-                           UPCAST: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # C[M, N] = A[M, K] @ B[K, N] where one operand holds int8 codes, dequantized in registers right after its load:
-    # codes * scale, with one scale for the whole operand (SCALE_MODE 1) or one per reduction index k (SCALE_MODE 2,
-    # applied before the dot because it varies along the sum), rounded to the other operand's dtype.
-    # On Hopper, wgmma reads A from registers but B only from shared memory: with the codes on A (CODES_ON_A) the
-    # float operand B streams through the pipelined shared-memory path untouched, while codes on B force every
-    # dequantized tile back through shared memory by hand (measured 5-8x slower, bench/notes/bitlinear.md).
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
-    if CODES_ON_A:
-        dot_dtype = b_ptr.dtype.element_ty
-    else:
-        dot_dtype = a_ptr.dtype.element_ty
-    if SCALE_MODE == 1:
-        scalar = tl.load(scale_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        k_mask = offs_k < k_left
-        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0)
-        if SCALE_MODE == 2:
-            s = tl.load(scale_ptr + k * BLOCK_K + offs_k, mask=k_mask, other=0.0)
-        if CODES_ON_A:
-            if SCALE_MODE == 2:
-                a = a.to(tl.float32) * s[None, :]
-            else:
-                a = a.to(tl.float32) * scalar
-        else:
-            if SCALE_MODE == 2:
-                b = b.to(tl.float32) * s[:, None]
-            else:
-                b = b.to(tl.float32) * scalar
-        if UPCAST:
-            # Triton's interpreter multiplies 16-bit floats as raw bits and truncates fp32 -> bf16: round the
-            # dequantized operand by hand and give it the (exact) fp32 values of both operands.
-            if CODES_ON_A:
-                a = cast_to(a, dot_dtype).to(tl.float32)
-                b = b.to(tl.float32)
-            else:
-                a = a.to(tl.float32)
-                b = cast_to(b, dot_dtype).to(tl.float32)
-        else:
-            a = a.to(dot_dtype)
-            b = b.to(dot_dtype)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, cast_to(acc, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-def dequant_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = deq(a) @ b`` or ``a @ deq(b)``, whichever of ``a`` [M, K] / ``b`` [K, N] is int8, with
-    ``deq(codes) = codes * scale`` (0-d ``scale``) or ``codes * scale[k]`` along the reduction index (``scale`` [K]),
-    done in the loads. Any strides (transposed views are read and written in place); the dequantized operand is
-    rounded to the float operand's dtype, as the reference rounds its fake-quantized tensor; float32 operands use
-    IEEE fp32 products (no tf32), matching torch's default.
-    """
-    m, k = a.shape
-    n = b.shape[1]
-    codes_on_a = a.dtype == torch.int8
-    if codes_on_a == (b.dtype == torch.int8):
-        raise TypeError(f"exactly one operand must be int8 codes, got {a.dtype} and {b.dtype}")
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
-    scale = scale.float().contiguous()
-    float_dtype = b.dtype if codes_on_a else a.dtype
-    layout = (a.stride(0) == 1) * 4 + (b.stride(0) == 1) * 2 + (out.stride(0) == 1)  # a tuning key, nothing else
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    with on_device(a):
-        _dequant_matmul_kernel[grid](
-            a, b, out, scale, m, n, k, _bucket(m), _bucket(n), _bucket(k), layout,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            SCALE_MODE=2 if scale.dim() == 1 else 1, CODES_ON_A=codes_on_a,
-            IEEE=float_dtype == torch.float32, UPCAST=_INTERPRET and float_dtype != torch.float32)
-    return out
-
-
-def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
-                         codes_on_a: bool = True) -> torch.Tensor:
-    """grad_x [M, K] = grad_y [M, N] @ (Wq * s) with Wq int8 [N, K]; s per tensor [] or per output channel [N].
-
-    Computed as grad_x^T = (Wq * s)^T @ grad_y^T so that the codes are the register operand (see the kernel)."""
-    m, n = grad_y.shape
-    out = torch.empty((m, w_codes.shape[1]), device=grad_y.device, dtype=grad_y.dtype)
-    if codes_on_a:
-        dequant_matmul(w_codes.t(), grad_y.t(), w_scale, out.t())
-    else:
-        dequant_matmul(grad_y, w_codes, w_scale, out)
-    return out
-
-
-def bitlinear_grad_weight(grad_y: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tensor,
-                          out_dtype: torch.dtype, codes_on_a: bool = True) -> torch.Tensor:
-    """grad_W [N, K] = grad_y^T [N, M] @ (xq * a) with xq int8 [M, K], per-token scale a [M] (absmax/127).
-
-    Computed as grad_W^T = (xq * a)^T @ grad_y so that the codes are the register operand (see the kernel)."""
-    out = torch.empty((grad_y.shape[1], x_codes.shape[1]), device=grad_y.device, dtype=out_dtype)
-    if codes_on_a:
-        dequant_matmul(x_codes.t(), grad_y, x_scale, out.t())
-    else:
-        dequant_matmul(grad_y.t(), x_codes, x_scale, out)
     return out

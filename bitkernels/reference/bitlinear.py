@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantization import ACT_EPS, quantize_activations_int8, rmsnorm_quantize_int8
+from .quantization import ACT_EPS, dequantize_int8, quantize_activations_int8, rmsnorm_quantize_int8
 
 
 def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
@@ -16,6 +16,16 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """grad_x = grad_y @ (Wq * s), the weight dequantized in grad_y's dtype (the straight-through backward)."""
+    return grad_y @ dequantize_int8(w_codes, w_scale, grad_y.dtype)
+
+
+def bitlinear_grad_weight(grad_y: torch.Tensor, x_deq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """grad_W = grad_y^T @ (xq * a/127), in ``out_dtype``."""
+    return (grad_y.t() @ x_deq).to(out_dtype)
 
 
 def bitlinear_inference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,

@@ -51,6 +51,12 @@ def quantize_activations_int8(x: torch.Tensor, eps: float = ACT_EPS):
     return codes, (absmax * (1.0 / QMAX)).squeeze(-1)
 
 
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 ``codes`` [M, K] * float32 ``scale`` ([] or one per row [M]), rounded once to ``dtype``."""
+    s = scale.float()
+    return (codes.float() * (s[:, None] if s.dim() == 1 else s)).to(dtype)
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm in float32, returned in float32 (the fused kernels never round the normalized value)."""
     x32 = x.float()
