@@ -85,6 +85,31 @@ def test_configs_are_pruned_to_fit_shared_memory():
     assert kept(torch.float32, 256) == [(32, 32)]      # nothing else fits: the small fallback
 
 
+# Shared memory Triton 3.6 allocated on an H100 (compiled metadata, 2026-11-23): (dtype, d_t, d_s, BLOCK_M, BLOCK_N,
+# num_stages) -> bytes. fp32 rows are the OutOfResources "Required" figures.
+MEASURED_SHARED_MEMORY = [
+    ("bf16", 128, 64, 128, 64, 3, 122880), ("bf16", 128, 64, 64, 64, 3, 98304), ("bf16", 128, 64, 128, 32, 3, 86016),
+    ("bf16", 128, 128, 128, 64, 3, 163840), ("bf16", 256, 128, 128, 64, 3, 245760),
+    ("fp32", 128, 64, 128, 64, 3, 360448), ("fp32", 128, 64, 64, 64, 3, 262144), ("fp32", 128, 64, 128, 32, 3, 278528),
+    ("fp32", 128, 64, 64, 32, 2, 155648), ("fp32", 64, 64, 128, 64, 3, 229376),
+    # backward kernel
+    ("bf16", 64, 64, 64, 64, 2, 49664), ("bf16", 128, 64, 64, 64, 2, 74240), ("bf16", 128, 64, 128, 64, 2, 98816),
+    ("bf16", 256, 128, 128, 64, 2, 197120),
+    ("fp32", 128, 64, 64, 64, 2, 213504), ("fp32", 128, 64, 128, 32, 2, 254208), ("fp32", 128, 128, 64, 64, 2, 262656),
+    ("fp32", 128, 128, 64, 32, 2, 196864),
+]
+
+
+@pytest.mark.parametrize("dtype, d_t, d_s, m, n, stages, measured", MEASURED_SHARED_MEMORY)
+def test_shared_memory_estimate_bounds_what_triton_allocated(dtype, d_t, d_s, m, n, stages, measured):
+    # A low estimate lets the untuned path launch a config the device refuses (OutOfResources); a far too high one
+    # throws fast configs away. Bound it from both sides.
+    from bitkernels.ops.attention_relation import shared_memory_estimate
+    size = 4 if dtype == "fp32" else 2
+    est = shared_memory_estimate(m, n, stages, (d_t + d_s) * size, dtype == "fp32")
+    assert measured <= est <= measured + m * n * 4 + 1024
+
+
 @pytest.mark.parametrize("heads", [1, 3, 32])
 def test_relation_heads_one_to_thirty_two(heads, device):
     # 96 = 32 * 3: head widths 96, 32, 3 (the last one is padded up to the 16-wide dot inside the kernel).

@@ -122,6 +122,27 @@ def test_weight_codes_cached_until_weight_changes(device, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
+def test_cached_codes_follow_every_optimizer_step(optimizer, device):
+    # AdamW(fused=True) updates weights without bumping their version counters: codes cached by version alone went
+    # stale, and the ternary weights of a training run never changed.
+    torch.manual_seed(0)
+    layer = BitLinear(32, 16, subln=True, backend="triton").to(device)
+    make_opt = {"adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.05, fused=True),
+                "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=0.05, foreach=True),
+                "sgd": lambda p: torch.optim.SGD(p, lr=0.5)}[optimizer]
+    opt = make_opt(layer.parameters())
+    x = torch.randn(4, 32, device=device)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = BitLinear(32, 16, subln=True, backend="triton").to(device)
+    fresh.load_state_dict(layer.state_dict())  # a new module: no cache
+    with torch.no_grad():
+        assert torch.equal(layer(x), fresh(x))
+
+
 def test_module_is_a_drop_in_linear(device):
     torch.manual_seed(0)
     lin = nn.Linear(48, 24).to(device)
@@ -210,3 +231,28 @@ def test_bitlinear_realistic_shapes(device, tokens, k, n):
         assert rel(ours_in[1].grad, ref_in[1].grad) <= 1e-2
         assert rel(ours_in[0].grad, ref_in[0].grad) <= (1e-2 if save_input else 2e-2)
         assert rel(ours_in[3].grad, ref_in[3].grad) <= (1e-2 if save_input else 5e-2)
+
+
+@pytest.mark.parametrize("save_input", [True, False])
+@pytest.mark.parametrize("subln", [True, False])
+def test_autocast_runs_the_gemms_in_the_autocast_dtype(subln, save_input, device):
+    # fp32 master weights and fp32 activations under bf16 autocast (how HF models train): the output and the backward
+    # GEMMs take bf16, as F.linear does under autocast; the gradients keep the parameters' and input's fp32.
+    x, w, b, nw = make((3, 37, 48), 24, torch.float32, device, subln=subln)
+    dy = torch.randn(3, 37, 24, device=device, dtype=torch.bfloat16)
+    outs = []
+    for fn in (lambda *t: bk.bitlinear(*t, backend="triton", save_input=save_input),
+               lambda *t: ref.bitlinear(*t)):
+        xs, ws, bs, nws = clone((x, w, b, nw))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = fn(xs, ws, bs, nws)
+        y.backward(dy)
+        outs.append((y, xs.grad, ws.grad, bs.grad, nws.grad if subln else None))
+    (y, *grads), (y_ref, *grads_ref) = outs
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert rel(y, y_ref) <= 1e-2
+    for g, g_ref, t in zip(grads, grads_ref, (x, w, b, nw)):
+        if g_ref is None:
+            continue
+        assert g.dtype == t.dtype == torch.float32
+        assert rel(g, g_ref) <= (1e-2 if save_input else 2e-2)

@@ -19,6 +19,7 @@ gradient product per tile pair, no atomics, each program writes its own rows of 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,7 +35,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Finite running-max start: a tile whose keys are all masked then gives exp2(-inf - M_INIT) = 0, never inf - inf.
 M_INIT = tl.constexpr(-1.0e30)
 MAX_HEAD_DIM = 256  # query tiles of both models stay on chip; wider relation heads take backend='torch'
-SHARED_MEMORY_BUDGET = 200 * 1024  # of the H100's 227 KiB per block, leaving room for Triton's layout scratch
+SHARED_MEMORY_MARGIN = 8 * 1024  # below the device's per-block limit: Triton's layout-conversion scratch
+H100_SHARED_MEMORY = 232448  # per-block opt-in limit, used when torch does not report the device's
 
 
 def _configs(block_pairs):
@@ -43,18 +45,40 @@ def _configs(block_pairs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in block_pairs]
 
 
+def _shared_memory_budget(device: torch.device) -> int:
+    if device.type != "cuda":  # pruning checked on the CPU: the H100's limit
+        return H100_SHARED_MEMORY - SHARED_MEMORY_MARGIN
+    return _cuda_shared_memory_budget(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory_budget(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", H100_SHARED_MEMORY) - SHARED_MEMORY_MARGIN
+
+
+def shared_memory_estimate(block_m: int, block_n: int, num_stages: int, row_bytes: int, fp32: bool) -> int:
+    """Bytes of shared memory a config takes, as Triton 3.6 allocates them on the H100 (measured per config at
+    d = 64..256, bf16 and fp32, forward and backward): the resident query rows of both models + ``num_stages`` staged
+    key tiles, each row ``row_bytes`` = d_t * size + d_s * size wide. fp32 inputs run 3xTF32 dots, which keep the
+    query tiles twice (high and low parts). The m x n fp32 tile and 1 KiB cover the scratch measured next to them."""
+    return ((2 if fp32 else 1) * block_m + num_stages * block_n) * row_bytes + block_m * block_n * 4 + 1024
+
+
 def _prune_by_shared_memory(configs, named_args, **kwargs):
-    """Keep the configs whose staged tiles fit in shared memory (fp32 inputs at d=128 need 4x the bf16 room); the
-    last config is the small fallback, used only when nothing else fits."""
+    """Keep the configs that fit in the device's shared memory (fp32 inputs at d = 128 need ~4x the bf16 room); the
+    last config is the small fallback, used only when nothing else fits. Untuned (BITKERNELS_AUTOTUNE=0): the first
+    fitting config, so it must be a real bound, not a guess the autotuner's timing run would correct."""
     if len(configs) == 1:
         return configs
+    t, s = named_args["T"], named_args["S"]
     # older Triton versions pass no kwargs here: assume the widest heads then
-    row_bytes = (kwargs.get("BLOCK_DT", MAX_HEAD_DIM) * named_args["T"].element_size()
-                 + kwargs.get("BLOCK_DS", MAX_HEAD_DIM) * named_args["S"].element_size())
-    def need(c):
-        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return (m + c.num_stages * n) * row_bytes + m * n * 4  # resident query rows + staged key rows + dz tile
-    fitting = [c for c in configs[:-1] if need(c) <= SHARED_MEMORY_BUDGET]
+    row_bytes = (kwargs.get("BLOCK_DT", MAX_HEAD_DIM) * t.element_size()
+                 + kwargs.get("BLOCK_DS", MAX_HEAD_DIM) * s.element_size())
+    fp32 = t.dtype == torch.float32 or s.dtype == torch.float32
+    budget = _shared_memory_budget(s.device)
+    fitting = [c for c in configs[:-1] if shared_memory_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                                  c.num_stages, row_bytes, fp32) <= budget]
     if not AUTOTUNE:
         fitting = fitting[:1]
     return fitting or configs[-1:]

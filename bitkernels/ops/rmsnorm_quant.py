@@ -93,12 +93,13 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, 
 
 
 def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, act_eps: float,
-                                  dequantize: bool = False):
-    """Rows of ``x`` [M, N] -> (int8 codes, or codes*scale in x's dtype; float32 scale [M]; float32 1/rms [M])."""
+                                  dequantize: bool = False, out_dtype: torch.dtype | None = None):
+    """Rows of ``x`` [M, N] -> (int8 codes, or codes*scale in ``out_dtype`` (default x's dtype); float32 scale [M];
+    float32 1/rms [M])."""
     x2 = as_rows(x)
     m, n = x2.shape
     w = weight.contiguous()
-    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype if dequantize else torch.int8)
+    out = torch.empty(x2.shape, device=x.device, dtype=(out_dtype or x.dtype) if dequantize else torch.int8)
     scale = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
