@@ -96,12 +96,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class BitLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input, compute_dtype):
+    def forward(ctx, x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype):
         if norm_weight is not None:
             row_block(x.shape[-1])  # the RMSNorm backward keeps rows in registers: refuse too-long rows up front
         x2 = as_rows(x)
         codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps)
-        y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=compute_dtype)
+        y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=out_dtype)
         if save_input and norm_weight is not None:  # exact SubLN grads: keep x (bf16), rebuild the codes in backward
             ctx.save_for_backward(None, None, w_codes, w_scale, norm_weight, None, x2)
         else:
