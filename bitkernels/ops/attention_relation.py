@@ -45,15 +45,11 @@ def _configs(block_pairs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in block_pairs]
 
 
+@functools.lru_cache(maxsize=None)
 def _shared_memory_budget(device: torch.device) -> int:
     if device.type != "cuda":  # pruning checked on the CPU: the H100's limit
         return H100_SHARED_MEMORY - SHARED_MEMORY_MARGIN
-    return _cuda_shared_memory_budget(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_shared_memory_budget(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
+    props = torch.cuda.get_device_properties(device)  # a tensor's CUDA device always carries its index
     return getattr(props, "shared_memory_per_block_optin", H100_SHARED_MEMORY) - SHARED_MEMORY_MARGIN
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..reference.bitlinear import bitlinear_grad_weight  # a plain cuBLAS GEMM: the reference is the op
 from ..reference.quantization import ACT_EPS, WEIGHT_EPS
 from ._common import as_rows, row_block
 from .act_quant import quantize_activations_int8
@@ -77,11 +78,6 @@ def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: t
     """grad_x [M, K] = grad_y [M, N] @ (Wq * s), Wq int8 [N, K], s per tensor [] or per output channel [N]; the
     dequantized weight is rounded to grad_y's dtype, as the reference's fake-quantized weight is."""
     return grad_y @ dequantize_int8(w_codes, w_scale, grad_y.dtype)
-
-
-def bitlinear_grad_weight(grad_y: torch.Tensor, x_deq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """grad_W [N, K] = grad_y^T [N, M] @ x_deq [M, K] (the dequantized activations xq * a/127) in ``out_dtype``."""
-    return (grad_y.t() @ x_deq).to(out_dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
