@@ -29,6 +29,7 @@ from bitdistill.convert import convert_to_bitnet, load_student
 from bitdistill.data import DataError, TaskSpec, encode_example, load_corpus_texts, load_task_split, pack_corpus
 from bitdistill.evaluate import evaluate
 from bitdistill.losses import DistillConfig, bitdistill_loss, causal_lm_loss
+from bitdistill.regional_compile import check_compile_mode, compile_decoder_layers
 from bitdistill.trainer import TrainArgs, train
 
 STAGES = ("sft", "bitnet-sft", "pretrain", "distill")
@@ -88,7 +89,9 @@ def stage_train_args(cfg: dict, stage: str) -> TrainArgs:
     unknown = set(cfg.get("train", {})) - names
     if unknown:
         raise ValueError(f"unknown train keys {sorted(unknown)}; known: {sorted(names)}")
-    return TrainArgs(**_typed(TrainArgs, merged))
+    args = TrainArgs(**_typed(TrainArgs, merged))
+    args.compile = check_compile_mode(args.compile)
+    return args
 
 
 def distill_config(cfg: dict) -> DistillConfig:
@@ -223,6 +226,11 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
     else:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
+    # the distilled layer stays eager: its q/k/v are captured by hooks every step
+    skip = (dcfg.ad_layer,) if stage == "distill" and dcfg.gamma_ad else ()
+    for m in (model, teacher):
+        if m is not None:
+            compile_decoder_layers(m, args.compile, skip)
     t0 = time.perf_counter()
     run = train(accelerator, model, examples, loss_fn, args, stage_dir, stage, tokenizer.pad_token_id, seed, resume)
     seconds = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .data import collate
+from .regional_compile import mark_step_begin
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,6 +44,7 @@ class TrainArgs:
     log_every: int = 10
     eval_batch_size: int = 32
     stop_after_steps: int | None = None   # end this session after this step (checkpointed), resumable later
+    compile: str | None = None        # torch.compile mode of each decoder layer (bitdistill.regional_compile)
 
 
 def total_steps(args: TrainArgs, n_examples: int, world: int) -> int:
@@ -114,6 +116,7 @@ def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: Tra
             batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             sums["tokens"] = sums.get("tokens", 0.0) + float(batch["attention_mask"].sum())
             sync = accelerator.no_sync(model) if micro < args.grad_accum - 1 else nullcontext()
+            mark_step_begin(args.compile)
             with sync, accelerator.autocast():
                 parts = loss_fn(model, batch)
                 loss = parts["loss"]

@@ -32,6 +32,9 @@ class BitLinear(nn.Linear):
     Same constructor, ``weight``/``bias`` parameters and state_dict keys as ``nn.Linear``; the latent full-precision
     weight is trained through the straight-through estimator. ``subln=True`` adds a SubLN RMSNorm (``subln.weight``)
     fused with the activation quantization. ``quantize=False`` runs the plain float path (with SubLN if present).
+    ``torch.compile(model, fullgraph=True)`` traces it without a graph break (custom ops ``torch.ops.bitkernels.*``,
+    ternary codes recomputed every call) with no host sync inside, so ``mode="reduce-overhead"`` can capture it in
+    CUDA graphs (checked by ``pytest -m gpu tests/test_bitlinear_compile.py``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
@@ -45,6 +48,7 @@ class BitLinear(nn.Linear):
         self.save_input = save_input  # SubLN: keep x (exact grads) or only int8 codes (see bitkernels.ops.bitlinear)
         self.frozen = False
         # Ternary codes of `weight`, reused while its version counter is unchanged (eval, gradient accumulation).
+        # Eager calls only: under torch.compile the codes are recomputed each call (nothing stale in a graph).
         self._weight_cache: dict = {}
 
     @classmethod

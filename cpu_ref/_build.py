@@ -1,4 +1,5 @@
-"""Build (once) and load the CPU kernel: ``kernel.cpp`` -> a shared library loaded with ctypes.
+"""Build (once) and load the CPU kernel: ``kernel.cpp`` (ternary product), ``head.cpp`` (float lm_head GEMV) and
+``layer.cpp`` (the decode step's norms / attention / SwiGLU) -> one shared library loaded with ctypes.
 
 Why ctypes and a plain ``g++`` call rather than a torch C++ extension: the kernel needs no torch headers (it works
 on raw pointers), so it compiles in about a second with no ninja and no coupling to the torch ABI, and the build
@@ -20,6 +21,8 @@ import tempfile
 import threading
 
 SOURCE = pathlib.Path(__file__).with_name("kernel.cpp")
+HEAD_SOURCE = pathlib.Path(__file__).with_name("head.cpp")
+LAYER_SOURCE = pathlib.Path(__file__).with_name("layer.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno",
          "-ffp-contract=off"]  # no FMA contraction: the epilogue rounds like torch's separate mul and add
 _lock = threading.Lock()
@@ -70,10 +73,15 @@ def _torch_openmp_link_flags() -> list[str]:
     return ["-Wl,--as-needed", f"-L{lib.parent}", f"-l:{lib.name}", f"-Wl,-rpath,{lib.parent}"]
 
 
+def _sources() -> list[pathlib.Path]:
+    return [SOURCE, HEAD_SOURCE, LAYER_SOURCE]
+
+
 def library_path() -> pathlib.Path:
     cxx = _compiler()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *FLAGS, *_torch_openmp_link_flags(),
-                                                        _cpu_signature()]).encode()).hexdigest()[:16]
+    sources = b"".join(s.read_bytes() for s in _sources())
+    setup = " ".join([cxx, *FLAGS, *_torch_openmp_link_flags(), _cpu_signature()]).encode()
+    key = hashlib.sha256(sources + setup).hexdigest()[:16]
     return cache_dir() / f"ternary_kernel-{key}.so"
 
 
@@ -85,7 +93,7 @@ def build(verbose: bool = False) -> pathlib.Path:
     # Compile to a temporary name in the same folder, then rename: concurrent builders never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [_compiler(), *FLAGS, str(SOURCE), "-o", tmp, *_torch_openmp_link_flags()]
+    cmd = [_compiler(), *FLAGS, *map(str, _sources()), "-o", tmp, *_torch_openmp_link_flags()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -108,12 +116,32 @@ def load() -> ctypes.CDLL:
             lib.tk_isa.restype = ctypes.c_char_p
             lib.tk_gemm_i32.argtypes = [P, I, I64, P, I64, P, I]
             lib.tk_gemm_i32.restype = None
-            lib.tk_quantize.argtypes = [P, I, I64, I64, P, F, F, P, P, I]
+            lib.tk_quantize.argtypes = [P, I, I64, I64, P, P, F, F, P, P, I]
             lib.tk_quantize.restype = None
-            lib.tk_bitlinear_f32.argtypes = [P, I, I64, I64, P, F, F, P, I64, P, I, P, P, I]
+            lib.tk_bitlinear_f32.argtypes = [P, I, I64, I64, P, P, F, F, P, I64, P, I, P, P, I]
             lib.tk_bitlinear_f32.restype = None
-            lib.tk_head_bf16.argtypes = [P, I64, I64, P, I, P, I]
-            lib.tk_head_bf16.restype = None
+            lib.tk_linear.argtypes = [P, P, I, P, P, I]
+            lib.tk_linear.restype = None
+            lib.tk_linear_desc_size.argtypes = []
+            lib.tk_linear_desc_size.restype = I64
+            lib.tk_layer_vectorized.restype = I
+            lib.tk_attn_desc_size.restype = I64
+            lib.tk_add_rmsnorm.argtypes = [I, P, P, P, F, I64, P]
+            lib.tk_add_rmsnorm.restype = None
+            lib.tk_swiglu.argtypes = [I, P, P, I64, P]
+            lib.tk_swiglu.restype = None
+            lib.tk_attn_decode.argtypes = [P, P, P, P, P, P, I64, P, I]
+            lib.tk_attn_decode.restype = None
+            for name in ("tk_head_f32", "tk_head_bf16"):
+                getattr(lib, name).argtypes = [P, I64, I64, P, I, P, I]
+                getattr(lib, name).restype = None
+            from .layer_ops import AttnDesc
+            from .ops import _LinearDesc
+
+            for c_size, struct in ((lib.tk_linear_desc_size(), _LinearDesc), (lib.tk_attn_desc_size(), AttnDesc)):
+                if c_size != ctypes.sizeof(struct):
+                    raise KernelBuildError(f"the C struct behind {struct.__name__} is {c_size} bytes, the ctypes "
+                                           f"one {ctypes.sizeof(struct)}: keep them in sync")
             _lib = lib
     return _lib
 

@@ -3,8 +3,15 @@
     python -m cpu_ref bench                          # random Qwen3-0.6B-shaped student
     python -m cpu_ref bench --student runs/x/student # your distilled student (bitdistill save_pretrained dir)
 
-For each variant and thread count a fresh process loads the model, warms up, then times one greedy run: prefill of
-``--prompt-len`` tokens and ``--decode`` steps at batch 1 (KV cache). Peak RSS is that process's ru_maxrss.
+For each variant and thread count a fresh process loads the model, warms up, then times ``--repeat`` greedy runs
+(medians reported): prefill of ``--prompt-len`` tokens and ``--decode`` steps at batch 1 (KV cache). Peak RSS is
+that process's VmHWM.
+Every variant runs the same loop (``--loop``, default the lean decoder of ``cpu_ref.decoder``; ``hf`` for the HF
+forward), so the variants differ only in their linear layers, embedding and head. Packed models hold q/k/v and
+gate/up stacked (one kernel call each, stored so in the file); baselines keep HF's separate nn.Linear weights as
+``from_pretrained`` maps them (``--fuse-baselines`` stacks them too: one matmul each, but a copy of those weights
+next to the mapped file, so more resident memory). No environment variable is set for the workers beyond
+OMP_NUM_THREADS (libgomp's default wait policy already spins between the back-to-back parallel regions of decode).
 Variants: ``packed-i2`` (everything not packed in fp32: the twin of the PyTorch student), ``packed-i2-bf16head``
 (the same with the embedding / lm_head table in bf16, float32 arithmetic: the deployment setting), ``torch-fp32``, ``torch-bf16``, ``torch-fp16`` (only where the CPU has
 native fp16 arithmetic: avx512_fp16 or amx_fp16). Baselines are the student's architecture as a plain FP model
@@ -143,13 +150,17 @@ def prepare(args, work: pathlib.Path) -> dict:
 
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(0, student.config.vocab_size, (1, args.check_prompt_len), generator=g)
-    got = greedy_generate(packed, prompt, args.check_tokens)["tokens"]
+    got = greedy_generate(packed, prompt, args.check_tokens, loop=args.loop)["tokens"]
     exact = exact_reference(student)
-    exact_tokens = greedy_generate(exact, prompt, args.check_tokens)["tokens"]
-    with torch.inference_mode():
+    with torch.inference_mode():  # the HF forward on all positions (torch's matmul head in both)
         exact_logits_equal = bool(torch.equal(exact(input_ids=got).logits, packed(input_ids=got).logits))
+    # The decode loop's head is the packed model's KernelHead: the twin gets the same one, so every step's logits
+    # can be compared bit for bit too.
+    exact.set_output_embeddings(packed.get_output_embeddings())
+    exact_tokens = greedy_generate(exact, prompt, args.check_tokens, loop=args.loop)["tokens"]
+    exact_logits_equal = exact_logits_equal and _stepwise_equal(packed, exact, got, args.check_prompt_len, args.loop)
     del exact
-    ref = greedy_generate(student, prompt, args.check_tokens)["tokens"]
+    ref = greedy_generate(student, prompt, args.check_tokens, loop=args.loop)["tokens"]
     with torch.inference_mode():
         lr, lp = student(input_ids=ref).logits, packed(input_ids=ref).logits
     differ = (ref[0] != got[0]).nonzero()
@@ -170,8 +181,32 @@ def prepare(args, work: pathlib.Path) -> dict:
     return info
 
 
-def worker(variant: str, model_dir: str, threads: int, prompt_len: int, decode: int, seed: int) -> dict:
-    """One fresh process: load, warm up, time prefill + decode, report peak RSS."""
+def _stepwise_equal(a, b, tokens: torch.Tensor, prompt_len: int, loop: str) -> bool:
+    """The decode loop's logits of ``a`` and ``b`` equal bit for bit at the prompt and at every following token."""
+    from .runner import make_decoder
+
+    da, db = make_decoder(a, tokens.shape[1], loop), make_decoder(b, tokens.shape[1], loop)
+    if da is None or db is None:  # the HF loop: covered by the full-forward comparison
+        return True
+    if not torch.equal(da(tokens[:, :prompt_len]), db(tokens[:, :prompt_len])):
+        return False
+    return all(torch.equal(da(tokens[:, j:j + 1]), db(tokens[:, j:j + 1]))
+               for j in range(prompt_len, tokens.shape[1]))
+
+
+def _stacked_groups(model) -> int:
+    from .fuse import decoder_layers, projection_groups, stacked_rows
+
+    layers = decoder_layers(model)
+    return sum(stacked_rows([getattr(p, "qweight", getattr(p, "weight", None)) for p in parts]) is not None
+               for layer in (layers if layers is not None else []) for parts in projection_groups(layer))
+
+
+def worker(variant: str, model_dir: str, threads: int, prompt_len: int, decode: int, seed: int,
+           loop: str = "auto", fuse_baselines: bool = False, repeat: int = 1) -> dict:
+    """One fresh process: load, warm up, time prefill + decode (``repeat`` times: medians), report peak RSS."""
+    from .fuse import fuse_projections
+
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if variant.startswith("packed"):
@@ -184,17 +219,23 @@ def worker(variant: str, model_dir: str, threads: int, prompt_len: int, decode: 
 
         dtype = {"torch-fp32": torch.float32, "torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}[variant]
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    if variant.startswith("packed") or fuse_baselines:  # packed: stacked at load already, this only counts them
+        fuse_projections(model)
+    stacked = _stacked_groups(model)
     load_s = time.perf_counter() - t0
     from .runner import greedy_generate
 
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    greedy_generate(model, torch.randint(0, vocab, (1, 8), generator=g), 3)  # warm-up: kernel load, allocator
+    greedy_generate(model, torch.randint(0, vocab, (1, 8), generator=g), 3, loop=loop)  # warm-up: kernel, allocator
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
-    r = greedy_generate(model, prompt, decode + 1)
-    return {"variant": variant, "threads": threads, "load_s": load_s,
-            "prefill_tok_s": prompt_len / r["prefill_s"], "decode_tok_s": r["decode_steps"] / r["decode_s"],
-            "prefill_s": r["prefill_s"], "decode_s": r["decode_s"], "decode_steps": r["decode_steps"],
+    runs = [greedy_generate(model, prompt, decode + 1, loop=loop) for _ in range(max(1, repeat))]
+    r = sorted(runs, key=lambda x: x["decode_s"])[len(runs) // 2]  # the median run by decode time
+    prefill_s = sorted(x["prefill_s"] for x in runs)[len(runs) // 2]
+    return {"variant": variant, "threads": threads, "load_s": load_s, "loop": r["loop"], "stacked_groups": stacked,
+            "prefill_tok_s": prompt_len / prefill_s, "decode_tok_s": r["decode_steps"] / r["decode_s"],
+            "prefill_s": prefill_s, "decode_s": r["decode_s"], "decode_steps": r["decode_steps"],
+            "decode_tok_s_runs": [x["decode_steps"] / x["decode_s"] for x in runs],
             "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -213,7 +254,8 @@ def peak_rss_bytes() -> int:
 def _run_worker(variant, model_dir, threads, args) -> dict:
     cmd = [sys.executable, "-m", "cpu_ref.measure", "--worker", variant, "--model-dir", str(model_dir),
            "--threads", str(threads), "--prompt-len", str(args.prompt_len), "--decode", str(args.decode),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--loop", args.loop, "--repeat", str(args.repeat)] + \
+        (["--fuse-baselines"] if args.fuse_baselines else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     root = pathlib.Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -238,6 +280,9 @@ def format_table(result: dict) -> str:
         xp = f"{r['prefill_tok_s'] / f['prefill_tok_s']:.2f}" if f else "-"
         lines.append(f"{r['variant']:<19} {r['threads']:>3} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} "
                      f"{xd:>10} {xp:>10} {r['peak_rss_bytes'] / 2**20:>12.0f}")
+    loops = sorted({f"{r['variant']}: {r.get('loop')}, {r.get('stacked_groups')} stacked groups" for r in rows
+                    if "error" not in r})
+    lines.append("decode loop / stacked q|k|v, gate|up groups: " + "; ".join(loops))
     wb = result["prepare"]["weight_bytes"]
     lines.append(f"linear weights: fp16 {wb['linear_fp16'] / 2**20:.1f} MiB, i2 {wb['linear_i2'] / 2**20:.1f} MiB "
                  f"(fp16/i2 = {wb['ratio_fp16_over_i2']:.3f}), tq1 {wb['linear_tq1'] / 2**20:.1f} MiB "
@@ -260,9 +305,14 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode", type=int, default=16, help="decode steps timed after the prefill")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per worker (the table shows medians)")
     p.add_argument("--check-prompt-len", type=int, default=16)
     p.add_argument("--check-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loop", default="auto", choices=["auto", "lean", "hf"],
+                   help="decode loop of every variant: lean (cpu_ref.decoder) where supported, or the HF forward")
+    p.add_argument("--fuse-baselines", action="store_true",
+                   help="stack the baselines' q/k/v and gate/up weights too (one matmul each; costs resident memory)")
     p.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/cpu_ref-<cpu>-<date>.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -271,7 +321,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.model_dir, int(args.threads), args.prompt_len, args.decode,
-                                args.seed)))
+                                args.seed, args.loop, args.fuse_baselines, args.repeat)))
         return 0
 
     from . import _build
@@ -292,7 +342,9 @@ def main(argv=None) -> int:
             "openmp_runtimes": _build.openmp_runtimes(), "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "fp16_native": fp16_native,
             "avx512_vnni": "avx512_vnni" in flags, "amx": "amx_tile" in flags,
-            "prompt_len": args.prompt_len, "decode_steps": args.decode}
+            "prompt_len": args.prompt_len, "decode_steps": args.decode, "repeat": args.repeat, "loop": args.loop,
+            "fuse_baselines": args.fuse_baselines,
+            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}}
     print(json.dumps(meta), flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = pathlib.Path(tmp)

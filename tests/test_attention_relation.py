@@ -78,7 +78,7 @@ def test_configs_are_pruned_to_fit_shared_memory():
                triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     def kept(dtype, d):
         x = torch.empty(0, dtype=dtype)
-        pruned = ar._prune_by_shared_memory(configs, {"T": x, "S": x}, BLOCK_DT=d, BLOCK_DS=d)
+        pruned = ar._prune_by_shared_memory(configs, {"T0": x, "S0": x}, BLOCK_DT=d, BLOCK_DS=d)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in pruned]
     assert kept(torch.bfloat16, 128)[0] == (128, 64)   # 2 * 128 * 2 B * (128 + 3 * 64) rows + dz tile: fits
     assert (128, 64) not in kept(torch.float32, 128)   # 352 KiB measured on an H100: must go
@@ -206,6 +206,43 @@ def test_distill_loss_is_mean_over_qkv_and_backends_agree(device):
     assert loss.item() == pytest.approx(loss_t.item(), rel=1e-5)
     for g, s in zip(grads, qkv_s):
         assert rel_err(g, s.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_of_one_shape_share_one_launch_per_direction(dtype, device, monkeypatch):
+    import bitkernels.ops.attention_relation as ar
+
+    launches = []
+    for name in ("attention_relation_forward", "attention_relation_backward"):
+        real = getattr(ar, name)
+        monkeypatch.setattr(ar, name, lambda t, s, *a, _real=real, _name=name: launches.append((_name, len(s)))
+                            or _real(t, s, *a))
+    torch.manual_seed(3)
+    # Q sliced out of a fused projection (row stride 3 * D) and K, V contiguous: strides differ, so Q runs alone
+    # and K with V; then three contiguous relations: one launch each way. Every relation has its own values, so a
+    # program reading another relation's rows gives a wrong loss or gradient.
+    fused_t = torch.randn(2, 21, 3 * 32, device=device)
+    for qkv_t in ([fused_t[..., :32], torch.randn(2, 21, 32, device=device), torch.randn(2, 21, 32, device=device)],
+                  [torch.randn(2, 21, 32, device=device) for _ in range(3)]):
+        qkv_t = [t.to(dtype) for t in qkv_t]
+        qkv_s = [(t.float() + 0.7 * torch.randn(t.shape, device=device)).to(dtype)[..., :16].contiguous()
+                 .requires_grad_() for t in qkv_t]
+        mask = padding_mask(2, 21, device)
+        launches.clear()
+        loss = ops.attention_relation_distill_loss(qkv_t, qkv_s, 4, mask)
+        loss.backward()
+        fused_first = qkv_t[0].stride(1) != qkv_t[1].stride(1)
+        expect = [1, 2] if fused_first else [3]
+        assert sorted(g for n, g in launches if n == "attention_relation_forward") == expect
+        assert sorted(g for n, g in launches if n == "attention_relation_backward") == expect
+        losses_r = []
+        for t, s in zip(qkv_t, qkv_s):
+            s_r = s.detach().double().requires_grad_()
+            loss_r = ref.attention_relation_kl(t.double(), s_r, 4, mask)
+            loss_r.backward()
+            losses_r.append(loss_r.item())
+            assert rel_err(s.grad * 3, s_r.grad) <= TOL[dtype][1]
+        assert loss.item() == pytest.approx(sum(losses_r) / 3, rel=TOL[dtype][0])
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -135,3 +135,5 @@ def test_bad_override_and_unknown_stage(tmp_path):
         run(tmp_path, "--stages", "sft,finetune")
     with pytest.raises(ValueError, match="must be a number"):
         run(tmp_path, "--stages", "sft", "--set", "train.lr=fast")
+    with pytest.raises(ValueError, match="compile must be null or one of"):
+        run(tmp_path, "--stages", "sft", "--set", "train.compile=fast")

@@ -7,6 +7,10 @@ optimizer step) and forward only. Implementations:
                        (exact SubLN gradients) and rebuilds the int8 codes in the backward
     ours_save_codes    the same keeping only the int8 codes (save_input=False: approximate SubLN gradients)
     ours_cached_w      forward only, ternary codes cached (eval / gradient-accumulation micro-steps)
+    ours_compile       the same layer as a BitLinear module under torch.compile (default mode): the custom ops
+                       torch.ops.bitkernels.* in one graph, no Python autograd Function (bitkernels.ops.bitlinear_library)
+    ours_cudagraph     the same module under torch.compile(mode="reduce-overhead"): the step replayed as CUDA graphs
+                       (x and dy copied into the graph's static inputs each call; CUDA only)
     plain_eager        F.rms_norm + F.linear in bf16 (cuBLAS), eager;   plain_compile: the same under torch.compile
     ref_eager          reference.bitlinear (fake-quantized bf16 math);  ref_compile: the same under torch.compile
     floor_bf16_3gemm   the three cuBLAS bf16 GEMMs of the step (fwd, grad_x, grad_W) and nothing else
@@ -59,12 +63,46 @@ def _check(ops, x, w, nw, dy, shape):
     print(f"check ours vs reference (relative L2), {shape}: {errs}", flush=True)
 
 
-def _fwd_bwd(fn, params, dy):
+def _fwd_bwd(fn, params, dy, new_step: bool = False):
     def run():
+        if new_step:  # cudagraph trees: each call is a new training step, free to overwrite the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         for p in params:
             p.grad = None
         fn().backward(dy)
     return run
+
+
+def _ours_module(w, nw):
+    """`ours` as a model holds it: a BitLinear whose parameters share w's and nw's storage (parameters are what
+    CUDA graphs take as static inputs, uncopied)."""
+    from bitkernels import BitLinear
+
+    module = BitLinear(w.shape[1], w.shape[0], bias=False, subln=True, subln_eps=EPS, backend="triton", device="meta")
+    module.weight = torch.nn.Parameter(w.detach())
+    module.subln.weight = torch.nn.Parameter(nw.detach())
+    return module
+
+
+def _check_compiled(eager_module, compiled: dict, x, dy, shape):
+    """Compiled modules vs the eager module, same parameters: the ops are the same, so ~0 apart."""
+    def run(f, new_step):
+        if new_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        xi = x.detach().clone().requires_grad_()
+        eager_module.zero_grad(set_to_none=True)
+        y = f(xi)
+        y.backward(dy)
+        out = [t.detach().clone() for t in (y, xi.grad, eager_module.weight.grad, eager_module.subln.weight.grad)]
+        eager_module.zero_grad(set_to_none=True)
+        return out
+
+    expected = run(eager_module, False)
+    for name, f in compiled.items():
+        got = run(f, name == "ours_cudagraph")
+        errs = {k: f"{(g.double() - e.double()).abs().max().item():.1e}"
+                for k, g, e in zip(("y", "dx", "dW", "dnorm"), got, expected)}
+        print(f"check {name} vs ours (max abs difference), {shape}: {errs}", flush=True)
 
 
 def _saved_bytes(fwd, x, device) -> int | None:
@@ -92,6 +130,9 @@ def cases(device: torch.device, quick: bool):
     tokens_list = (64,) if quick else TOKENS
     plain_c = torch.compile(plain, dynamic=False)
     ref_c = torch.compile(reference_bitlinear, dynamic=False)
+    # Every compiled BitLinear module shares BitLinear.forward's code object: one entry per shape and mode must fit
+    # under Dynamo's recompile limit (past it, calls silently run eager and the "compiled" timings would lie).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for tokens in tokens_list:
         for k, n in shapes:
             shape = f"M={tokens} K={k} N={n}"
@@ -110,6 +151,15 @@ def cases(device: torch.device, quick: bool):
             }
             xd, wd, dyd = x.detach(), w.detach(), dy
             impls = {name: _fwd_bwd(f, params, dy) for name, f in fwds.items()}
+            # ours_compile / ours_cudagraph: a module over the same tensors, with its own parameter objects.
+            module = _ours_module(w, nw)
+            module_params = (x, module.weight, module.subln.weight)
+            compiled = {"ours_compile": torch.compile(module, dynamic=False)}
+            if device.type == "cuda":
+                compiled["ours_cudagraph"] = torch.compile(module, mode="reduce-overhead", dynamic=False)
+            module_fwds = {name: (lambda x=x, m=m: m(x)) for name, m in compiled.items()}
+            impls.update({name: _fwd_bwd(f, module_params, dy, new_step=name == "ours_cudagraph")
+                          for name, f in module_fwds.items()})
             impls["floor_bf16_3gemm"] = lambda xd=xd, wd=wd, dyd=dyd: (xd @ wd.t(), dyd @ wd, dyd.t() @ xd)
             # The pieces of `ours`, timed alone: where its time goes.
             nwd = nw.detach()
@@ -126,10 +176,12 @@ def cases(device: torch.device, quick: bool):
                 "part_grad_w_gemm": lambda dy=dy, xq=xq: ops.bitlinear_grad_weight(dy, xq, dtype),
                 "part_subln_bwd": lambda gh=gh, xc=xc, xs=xs, rstd=rstd, nwd=nwd: _subln_bwd(gh, xc, xs, rstd, nwd),
             })
+            saved_fwds = {**fwds, "ours_compile": module_fwds["ours_compile"]}  # CUDA graphs keep a static pool
             notes = {f"saved_MiB_{name}": (lambda b: None if b is None else round(b / 2 ** 20, 2))(
-                _saved_bytes(f, x, device)) for name, f in fwds.items()}
+                _saved_bytes(f, x, device)) for name, f in saved_fwds.items()}
             print(f"saved for backward, MiB, {shape}: {notes}", flush=True)
             _check(ops, x, w, nw, dy, shape)
+            _check_compiled(module, compiled, x, dy, shape)
             flops = 3 * 2 * tokens * k * n
             yield Case("bitlinear", "fwd+bwd", shape, impls, flops=flops, notes=notes)
 

@@ -1,8 +1,6 @@
 """BitLinear as one functional op: Triton int8 tensor-core path, or the fake-quantized PyTorch reference."""
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import reference
@@ -11,7 +9,10 @@ from ..backend import use_triton
 
 
 def _ops():
-    return importlib.import_module("bitkernels.ops")
+    # Imported on first use (it needs Triton); an import statement, unlike importlib, is traced by torch.compile.
+    from .. import ops
+
+    return ops
 
 
 def _check_linear(x: torch.Tensor, in_features: int, out_features: int, bias, norm_weight, weight_desc: str):

@@ -16,6 +16,9 @@ Backward, student only (the teacher is detached). With w_i = dloss/dKL_i (grad /
 Symmetry also gives z_ji = z_ij, so the program that owns rows i recomputes the tile z[i, j] once and forms both
 dz_ij (with the row statistics of i) and dz_ji (with the row statistics of j) elementwise: 2 score products + 1
 gradient product per tile pair, no atomics, each program writes its own rows of dA.
+
+Up to three relations of equal shapes (Q, K, V) run in one launch per direction (grid axis 2 picks the relation):
+at B * L ~ 8K tokens one relation is a fraction of a wave of a 132-SM GPU and its launch costs as much as its work.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 M_INIT = tl.constexpr(-1.0e30)
 MAX_HEAD_DIM = 256  # query tiles of both models stay on chip; wider relation heads take backend='torch'
 SHARED_MEMORY_MARGIN = 8 * 1024  # below the device's per-block limit: Triton's layout-conversion scratch
+MAX_RELATIONS_PER_LAUNCH = 3  # Q, K, V: the kernels take three pointer pairs and select one per program
 H100_SHARED_MEMORY = 232448  # per-block opt-in limit, used when torch does not report the device's
 
 
@@ -67,7 +71,7 @@ def _prune_by_shared_memory(configs, named_args, **kwargs):
     fitting config, so it must be a real bound, not a guess the autotuner's timing run would correct."""
     if len(configs) == 1:
         return configs
-    t, s = named_args["T"], named_args["S"]
+    t, s = named_args["T0"], named_args["S0"]
     # older Triton versions pass no kwargs here: assume the widest heads then
     row_bytes = (kwargs.get("BLOCK_DT", MAX_HEAD_DIM) * t.element_size()
                  + kwargs.get("BLOCK_DS", MAX_HEAD_DIM) * s.element_size())
@@ -112,6 +116,17 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _pick(rel, x0, x1, x2):
+    """The relation ``rel``'s pointer (or scalar): lowers to two selects, no branch."""
+    x = x0
+    if rel == 1:
+        x = x1
+    if rel == 2:
+        x = x2
+    return x
+
+
+@triton.jit
 def _real_tokens(MASK, b, stride_mb, offs, L, HAS_MASK: tl.constexpr):
     real = offs < L
     if HAS_MASK:
@@ -123,7 +138,7 @@ def _real_tokens(MASK, b, stride_mb, offs, L, HAS_MASK: tl.constexpr):
 @UNMASKED
 @triton.jit
 def _attention_relation_fwd_kernel(
-    T, S, MASK, KL_ROWS, LSE_T, LSE_S,
+    T0, T1, T2, S0, S1, S2, MASK, KL_ROWS, LSE_T, LSE_S,
     stride_tb, stride_tl, stride_sb, stride_sl, stride_mb,
     L, L_BUCKET, R, scale_t, scale_s,
     D_T: tl.constexpr, D_S: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
@@ -132,10 +147,12 @@ def _attention_relation_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    rel = tl.program_id(2)  # Q, K, V of one shape share a launch: one wave of programs instead of three
     b = pid_bh // R
     r = pid_bh % R
-    t_base = T + b.to(tl.int64) * stride_tb + r * D_T
-    s_base = S + b.to(tl.int64) * stride_sb + r * D_S
+    t_base = _pick(rel, T0, T1, T2) + b.to(tl.int64) * stride_tb + r * D_T
+    s_base = _pick(rel, S0, S1, S2) + b.to(tl.int64) * stride_sb + r * D_S
+    stats = (rel * tl.num_programs(1) + pid_bh).to(tl.int64) * L  # row offset in the [G, B, R, L] statistics
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_t = tl.arange(0, BLOCK_DT)
     cols_s = tl.arange(0, BLOCK_DS)
@@ -184,7 +201,7 @@ def _attention_relation_fwd_kernel(
     lse_t = m_t + tl.log2(l_t)
     lse_s = m_s + tl.log2(l_s)
     kl = (cross / l_t - lse_t + lse_s) * LN2
-    row = pid_bh.to(tl.int64) * L + offs_m
+    row = stats + offs_m
     in_range = offs_m < L
     tl.store(KL_ROWS + row, tl.where(query_real, kl, 0.0), mask=in_range)
     # +inf for padded queries: the backward's exp2(z - lse) is then 0 on their rows, whatever their keys.
@@ -196,8 +213,8 @@ def _attention_relation_fwd_kernel(
 @UNMASKED
 @triton.jit
 def _attention_relation_bwd_kernel(
-    T, S, MASK, LSE_T, LSE_S, COEF, DS,
-    stride_tb, stride_tl, stride_sb, stride_sl, stride_mb, stride_db, stride_dl,
+    T0, T1, T2, S0, S1, S2, MASK, LSE_T, LSE_S, COEF, DS,
+    stride_tb, stride_tl, stride_sb, stride_sl, stride_mb, stride_dg, stride_db, stride_dl,
     L, L_BUCKET, R, scale_t, scale_s, sm_scale_s,
     D_T: tl.constexpr, D_S: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
     PREC_T: tl.constexpr, PREC_S: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -205,11 +222,12 @@ def _attention_relation_bwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    rel = tl.program_id(2)  # Q, K, V of one shape share a launch: one wave of programs instead of three
     b = pid_bh // R
     r = pid_bh % R
-    t_base = T + b.to(tl.int64) * stride_tb + r * D_T
-    s_base = S + b.to(tl.int64) * stride_sb + r * D_S
-    stats = pid_bh.to(tl.int64) * L
+    t_base = _pick(rel, T0, T1, T2) + b.to(tl.int64) * stride_tb + r * D_T
+    s_base = _pick(rel, S0, S1, S2) + b.to(tl.int64) * stride_sb + r * D_S
+    stats = (rel * tl.num_programs(1) + pid_bh).to(tl.int64) * L  # row offset in the [G, B, R, L] statistics
     coef = tl.load(COEF)  # dloss / dKL_i of a real query: grad_output / (R * N_real), read on device (no sync)
     out_scale = coef * sm_scale_s
 
@@ -244,9 +262,9 @@ def _attention_relation_bwd_kernel(
                   + tl.where(real_m[:, None] & (offs_m[:, None] <= offs_n[None, :]), dz_col, 0.0))
         else:  # the row term needs key j real, the column term key i real; the other side's query is then real too
             dz = tl.where(real_m[:, None] & real_n[None, :], dz_row + dz_col, 0.0)
-        acc += tl.dot(_round_to(dz, S.dtype.element_ty, INTERPRETED), k_s, input_precision=PREC_S)
+        acc += tl.dot(_round_to(dz, S0.dtype.element_ty, INTERPRETED), k_s, input_precision=PREC_S)
 
-    d_ptrs = DS + b.to(tl.int64) * stride_db + r * D_S + offs_m[:, None] * stride_dl + cols_s[None, :]
+    d_ptrs = DS + rel.to(tl.int64) * stride_dg + b.to(tl.int64) * stride_db + r * D_S + offs_m[:, None] * stride_dl + cols_s[None, :]
     tl.store(d_ptrs, _round_to(acc * out_scale, DS.dtype.element_ty, INTERPRETED),
              mask=(offs_m[:, None] < L) & (cols_s[None, :] < D_S))
 
@@ -273,25 +291,33 @@ def _launch_meta(a_teacher, a_student, num_relation_heads):
     ), d_t, d_s
 
 
+def _three(tensors):
+    """Pointer arguments of up to three relations; unused slots repeat the first (never read)."""
+    if not 1 <= len(tensors) <= MAX_RELATIONS_PER_LAUNCH:
+        raise ValueError(f"one launch takes 1 to {MAX_RELATIONS_PER_LAUNCH} relations, got {len(tensors)}")
+    return [*tensors, *[tensors[0]] * (MAX_RELATIONS_PER_LAUNCH - len(tensors))]
+
+
 def _unit_col_stride(a: torch.Tensor) -> torch.Tensor:
     return a if a.stride(-1) == 1 else a.contiguous()
 
 
-def attention_relation_forward(a_teacher, a_student, num_relation_heads, mask, causal):
-    """-> (per-row KL [B, R, L] fp32 in nats, 0 on padded queries; lse_t, lse_s [B, R, L] base 2)."""
-    batch, length = a_student.shape[0], a_student.shape[1]
-    kl_rows = torch.empty(batch, num_relation_heads, length, device=a_student.device, dtype=torch.float32)
+def attention_relation_forward(teachers, students, num_relation_heads, mask, causal):
+    """Relations of one launch (same shapes and strides) -> (per-row KL [G, B, R, L] fp32 in nats, 0 on padded
+    queries; lse_t, lse_s [G, B, R, L] base 2)."""
+    t0, s0 = teachers[0], students[0]
+    num_rel, (batch, length) = len(students), s0.shape[:2]
+    kl_rows = torch.empty(num_rel, batch, num_relation_heads, length, device=s0.device, dtype=torch.float32)
     lse_t = torch.empty_like(kl_rows)
     lse_s = torch.empty_like(kl_rows)
     if kl_rows.numel() == 0:
         return kl_rows, lse_t, lse_s
-    meta, d_t, d_s = _launch_meta(a_teacher, a_student, num_relation_heads)
-    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads)  # noqa: E731
-    with on_device(a_student):
+    meta, d_t, d_s = _launch_meta(t0, s0, num_relation_heads)
+    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads, num_rel)  # noqa: E731
+    with on_device(s0):
         _attention_relation_fwd_kernel[grid](
-            a_teacher, a_student, mask if mask is not None else kl_rows, kl_rows, lse_t, lse_s,
-            a_teacher.stride(0), a_teacher.stride(1), a_student.stride(0), a_student.stride(1),
-            mask.stride(0) if mask is not None else 0,
+            *_three(teachers), *_three(students), mask if mask is not None else kl_rows, kl_rows, lse_t, lse_s,
+            t0.stride(0), t0.stride(1), s0.stride(0), s0.stride(1), mask.stride(0) if mask is not None else 0,
             length, triton.next_power_of_2(length), num_relation_heads,
             LOG2E / math.sqrt(d_t), LOG2E / math.sqrt(d_s),
             HAS_MASK=mask is not None, CAUSAL=causal, **meta,
@@ -299,19 +325,21 @@ def attention_relation_forward(a_teacher, a_student, num_relation_heads, mask, c
     return kl_rows, lse_t, lse_s
 
 
-def attention_relation_backward(a_teacher, a_student, num_relation_heads, mask, causal, lse_t, lse_s, coef):
-    """dloss/da_student [B, L, D_s] in a_student's dtype; ``coef`` is a 0-d fp32 tensor grad / (R * N_real)."""
-    batch, length = a_student.shape[0], a_student.shape[1]
-    grad = torch.empty(a_student.shape, device=a_student.device, dtype=a_student.dtype)
+def attention_relation_backward(teachers, students, num_relation_heads, mask, causal, lse_t, lse_s, coef):
+    """dloss/d(each student) as one [G, B, L, D_s] tensor in the students' dtype; ``coef`` is a 0-d fp32 tensor
+    grad / (R * N_real)."""
+    t0, s0 = teachers[0], students[0]
+    num_rel, (batch, length) = len(students), s0.shape[:2]
+    grad = torch.empty((num_rel, *s0.shape), device=s0.device, dtype=s0.dtype)
     if grad.numel() == 0:
         return grad
-    meta, d_t, d_s = _launch_meta(a_teacher, a_student, num_relation_heads)
-    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads)  # noqa: E731
-    with on_device(a_student):
+    meta, d_t, d_s = _launch_meta(t0, s0, num_relation_heads)
+    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads, num_rel)  # noqa: E731
+    with on_device(s0):
         _attention_relation_bwd_kernel[grid](
-            a_teacher, a_student, mask if mask is not None else lse_t, lse_t, lse_s, coef, grad,
-            a_teacher.stride(0), a_teacher.stride(1), a_student.stride(0), a_student.stride(1),
-            mask.stride(0) if mask is not None else 0, grad.stride(0), grad.stride(1),
+            *_three(teachers), *_three(students), mask if mask is not None else lse_t, lse_t, lse_s, coef, grad,
+            t0.stride(0), t0.stride(1), s0.stride(0), s0.stride(1), mask.stride(0) if mask is not None else 0,
+            grad.stride(0), grad.stride(1), grad.stride(2),
             length, triton.next_power_of_2(length), num_relation_heads,
             LOG2E / math.sqrt(d_t), LOG2E / math.sqrt(d_s), 1.0 / math.sqrt(d_s),
             HAS_MASK=mask is not None, CAUSAL=causal, **meta,
@@ -320,50 +348,71 @@ def attention_relation_backward(a_teacher, a_student, num_relation_heads, mask, 
 
 
 class AttentionRelationKL(torch.autograd.Function):
-    """Scalar relation KL of [B, L, D] activations; gradient for the student only."""
+    """Sum over G <= 3 relations of the same shapes and strides (Q, K, V of equal widths: one launch per direction)
+    of each relation's scalar KL of [B, L, D] activations; gradients for the students only.
+    ``apply(num_relation_heads, mask, causal, *teachers, *students)``."""
 
     @staticmethod
-    def forward(ctx, a_teacher, a_student, num_relation_heads, mask, causal):
-        a_teacher = _unit_col_stride(a_teacher)
-        a_student = _unit_col_stride(a_student)
-        kl_rows, lse_t, lse_s = attention_relation_forward(a_teacher, a_student, num_relation_heads, mask, causal)
-        batch, length = a_student.shape[0], a_student.shape[1]
+    def forward(ctx, num_relation_heads, mask, causal, *tensors):
+        num_rel = len(tensors) // 2
+        teachers, students = tensors[:num_rel], tensors[num_rel:]
+        kl_rows, lse_t, lse_s = attention_relation_forward(teachers, students, num_relation_heads, mask, causal)
+        batch, length = students[0].shape[0], students[0].shape[1]
         if mask is not None:  # counted on the device: no host sync
             denom = mask.sum().clamp_min(1).to(torch.float32) * num_relation_heads
         else:
             denom = float(max(batch * length, 1) * num_relation_heads)
-        ctx.save_for_backward(a_teacher, a_student, mask, lse_t, lse_s,
-                              denom if isinstance(denom, torch.Tensor) else None)
+        ctx.save_for_backward(mask, lse_t, lse_s, denom if isinstance(denom, torch.Tensor) else None, *tensors)
         ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
-        ctx.num_relation_heads = num_relation_heads
-        ctx.causal = causal
+        ctx.num_relation_heads, ctx.causal, ctx.num_rel = num_relation_heads, causal, num_rel
         return kl_rows.sum() / denom
 
     @staticmethod
     def backward(ctx, grad_output):
-        a_teacher, a_student, mask, lse_t, lse_s, denom = ctx.saved_tensors
+        mask, lse_t, lse_s, denom, *tensors = ctx.saved_tensors
         denom = ctx.denom if denom is None else denom
         coef = (grad_output.to(torch.float32) / denom).reshape(1)
-        grad = attention_relation_backward(a_teacher, a_student, ctx.num_relation_heads, mask, ctx.causal,
+        teachers, students = tensors[:ctx.num_rel], tensors[ctx.num_rel:]
+        grad = attention_relation_backward(teachers, students, ctx.num_relation_heads, mask, ctx.causal,
                                            lse_t, lse_s, coef)
-        return None, grad, None, None, None
+        return (None, None, None, *[None] * ctx.num_rel, *grad.unbind(0))
+
+
+def _kernel_mask(attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    return (attention_mask.to(device) != 0).to(torch.int32).contiguous()
+
+
+def _kernel_layout(a: torch.Tensor) -> torch.Tensor:
+    return _unit_col_stride(as_tokens_by_features(a))
 
 
 def attention_relation_kl(a_teacher: torch.Tensor, a_student: torch.Tensor, num_relation_heads: int,
                           attention_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Triton twin of ``bitkernels.reference.attention_relation_kl`` (same layouts, normalization, result dtype
     float32). Memory beyond the inputs: three fp32 [B, R, L] vectors and the student gradient."""
-    t = as_tokens_by_features(a_teacher).detach()
-    s = as_tokens_by_features(a_student)
-    mask = None
-    if attention_mask is not None:
-        mask = (attention_mask.to(s.device) != 0).to(torch.int32).contiguous()
-    return AttentionRelationKL.apply(t, s, num_relation_heads, mask, bool(causal))
+    s = _kernel_layout(a_student)
+    t = _kernel_layout(a_teacher.detach())
+    return AttentionRelationKL.apply(num_relation_heads, _kernel_mask(attention_mask, s.device), bool(causal), t, s)
 
 
 def attention_relation_distill_loss(qkv_teacher, qkv_student, num_relation_heads: int,
                                     attention_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """Mean of ``attention_relation_kl`` over the (Q, K, V) relations."""
-    losses = [attention_relation_kl(t, s, num_relation_heads, attention_mask, causal)
-              for t, s in zip(qkv_teacher, qkv_student)]
-    return sum(losses) / len(losses)
+    """Mean of ``attention_relation_kl`` over the (Q, K, V) relations. Relations whose teacher and student tensors
+    have equal shapes, strides and dtypes share one launch per direction (all three in MHA; Q alone and K with V
+    under GQA), which fills the GPU with one wave instead of three short ones at small B * L."""
+    pairs = [(_kernel_layout(t.detach()), _kernel_layout(s)) for t, s in zip(qkv_teacher, qkv_student)]
+    mask = _kernel_mask(attention_mask, pairs[0][1].device)
+    groups: dict[tuple, list] = {}
+    for t, s in pairs:
+        key = (t.shape, t.stride(), t.dtype, s.shape, s.stride(), s.dtype)
+        groups.setdefault(key, []).append((t, s))
+    total = None
+    for members in groups.values():
+        for i in range(0, len(members), MAX_RELATIONS_PER_LAUNCH):
+            chunk = members[i:i + MAX_RELATIONS_PER_LAUNCH]
+            part = AttentionRelationKL.apply(num_relation_heads, mask, bool(causal),
+                                             *[t for t, _ in chunk], *[s for _, s in chunk])
+            total = part if total is None else total + part
+    return total / len(pairs)

@@ -15,6 +15,9 @@ Saved:    without SubLN: the int8 activation codes + fp32 per-token scale (1 byt
           (the quantized value, as the straight-through estimator already treats it): x's and the norm weight's
           gradients then carry the int8 rounding (|error| <= absmax/254 per element before the division by the norm
           weight; ~2e-3 relative L2 on dx in the tests), and elements whose norm weight is exactly 0 get none.
+Layers:   ``bitlinear_forward_impl`` / ``bitlinear_backward_impl`` do the work on plain tensors; eager calls wrap them
+          in ``BitLinearFunction`` (lowest Python overhead per call), torch.compile in the custom ops of
+          ``bitlinear_library`` (capturable in one graph and in CUDA graphs). ``bitlinear`` picks between the two.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..reference.bitlinear import bitlinear_grad_weight  # a plain cuBLAS GEMM: the reference is the op
 from ..reference.quantization import ACT_EPS, WEIGHT_EPS
-from ._common import as_rows, row_block
+from ._common import MAX_ROW, as_rows, row_block
 from .act_quant import quantize_activations_int8
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
@@ -90,52 +93,81 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps: float, act_eps: float,
+                           out_dtype: torch.dtype):
+    """The forward on tensors alone (no autograd): -> (y [..., N], x's int8 codes [M, K], their fp32 scale [M],
+    fp32 1/rms [M] or None without SubLN). Shared by the eager autograd Function and the custom op."""
+    x2 = as_rows(x)
+    codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps)
+    y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=out_dtype)
+    return y.reshape(*x.shape[:-1], w_codes.shape[0]), codes, a_scale, rstd
+
+
+def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, norm_weight, norm_eps: float,
+                            act_eps: float, x_dtype: torch.dtype, weight_dtype: torch.dtype,
+                            bias_dtype: torch.dtype, grad_input: bool, grad_weight: bool, grad_bias: bool):
+    """The backward on tensors alone: -> (grad_x [M, K], grad_W, grad_bias, grad_norm_weight), None where not asked
+    for (``grad_input`` asks for x's and the norm weight's). Saved state: ``x`` (SubLN with save_input: the
+    codes are rebuilt from it) or else ``codes``, ``a_scale`` and (SubLN) ``rstd``. Shared as the forward is."""
+    if x is not None:  # one memory-bound pass over x instead of keeping x and its codes both alive
+        x = as_rows(x)
+        x_deq, _, rstd = rmsnorm_quantize_int8_forward(x, norm_weight, norm_eps, act_eps, dequantize=True,
+                                                       out_dtype=grad_y.dtype)
+    else:
+        x_deq = None
+    g2 = grad_y.reshape(-1, w_codes.shape[0])
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    grad_x = grad_w = grad_b = grad_nw = None
+    if grad_input:
+        grad_h = bitlinear_grad_input(g2, w_codes, w_scale)  # d loss / d (quantized) normalized input, STE
+        if norm_weight is None:
+            grad_x = grad_h.to(x_dtype)
+        elif x is not None:
+            grad_x, grad_nw = rmsnorm_backward(grad_h, x, norm_weight, rstd)
+        else:
+            grad_x, grad_nw = rmsnorm_backward(grad_h, codes, norm_weight, rstd, a_scale, x_dtype)
+    if grad_weight:
+        if x_deq is None:
+            x_deq = dequantize_int8(codes, a_scale, g2.dtype)
+        grad_w = bitlinear_grad_weight(g2, x_deq, weight_dtype)
+    if grad_bias:
+        grad_b = g2.sum(0, dtype=torch.float32).to(bias_dtype)
+    return grad_x, grad_w, grad_b, grad_nw
+
+
+def keeps_input(norm_weight, save_input: bool) -> bool:
+    """Whether the backward keeps x (SubLN with save_input: exact grads) rather than x's int8 codes."""
+    return save_input and norm_weight is not None
+
+
 class BitLinearFunction(torch.autograd.Function):
+    """The eager path: one Python autograd node, the cheapest per call (no dispatcher round trips); torch.compile
+    goes through the custom ops of ``bitlinear_library`` instead, which run the same two functions above."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype):
-        if norm_weight is not None:
-            row_block(x.shape[-1])  # the RMSNorm backward keeps rows in registers: refuse too-long rows up front
-        x2 = as_rows(x)
-        codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps)
-        y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=out_dtype)
-        if save_input and norm_weight is not None:  # exact SubLN grads: keep x (bf16), rebuild the codes in backward
-            ctx.save_for_backward(None, None, w_codes, w_scale, norm_weight, None, x2)
+        y, codes, a_scale, rstd = bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
+                                                         out_dtype)
+        if keeps_input(norm_weight, save_input):
+            ctx.save_for_backward(x, None, None, None, w_codes, w_scale, norm_weight)
         else:
-            ctx.save_for_backward(codes, a_scale, w_codes, w_scale, norm_weight, rstd, None)
+            ctx.save_for_backward(None, codes, a_scale, rstd, w_codes, w_scale, norm_weight)
         ctx.norm_eps, ctx.act_eps = norm_eps, act_eps
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], w_codes.shape[0])
+        ctx.bias_dtype = weight.dtype if bias is None else bias.dtype
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        codes, a_scale, w_codes, w_scale, norm_weight, rstd, x2 = ctx.saved_tensors
-        if x2 is not None:  # one memory-bound pass over x instead of keeping x and its codes both alive
-            x_deq, _, rstd = rmsnorm_quantize_int8_forward(x2, norm_weight, ctx.norm_eps, ctx.act_eps, dequantize=True,
-                                                           out_dtype=grad_y.dtype)
-        else:
-            x_deq = None
-        n = w_codes.shape[0]
-        g2 = grad_y.reshape(-1, n)
-        if g2.stride(-1) != 1:
-            g2 = g2.contiguous()
-        grad_x = grad_w = grad_b = grad_nw = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            grad_h = bitlinear_grad_input(g2, w_codes, w_scale)  # d loss / d (quantized) normalized input, STE
-            if norm_weight is None:
-                grad_x = grad_h.to(ctx.x_dtype)
-            elif x2 is not None:
-                grad_x, grad_nw = rmsnorm_backward(grad_h, x2, norm_weight, rstd)
-            else:
-                grad_x, grad_nw = rmsnorm_backward(grad_h, codes, norm_weight, rstd, a_scale, ctx.x_dtype)
+        x, codes, a_scale, rstd, w_codes, w_scale, norm_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_w, grad_b, grad_nw = bitlinear_backward_impl(
+            grad_y, x, codes, a_scale, rstd, w_codes, w_scale, norm_weight, ctx.norm_eps, ctx.act_eps, ctx.x_dtype,
+            ctx.weight_dtype, ctx.bias_dtype, need[0] or need[3], need[1], need[2])
+        if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            if x_deq is None:
-                x_deq = dequantize_int8(codes, a_scale, g2.dtype)
-            grad_w = bitlinear_grad_weight(g2, x_deq, ctx.weight_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, grad_nw, None, None, None, None, None, None
 
 
@@ -144,18 +176,34 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
               act_eps: float = ACT_EPS, weight_eps: float = WEIGHT_EPS, weight_cache: dict | None = None,
               save_input: bool = True) -> torch.Tensor:
     """BitLinear on int8 tensor cores; same value as ``reference.bitlinear`` up to its bf16 matmul rounding (ours
-    accumulates exactly in int32 and rounds once). See the module docstring for what is saved for backward."""
+    accumulates exactly in int32 and rounds once). See the module docstring for what is saved for backward.
+
+    Under torch.compile it runs as the custom ops ``torch.ops.bitkernels.*`` (one graph, CUDA-graph capturable),
+    ternarizing the weight every call: ``weight_cache`` is Python state a captured graph would not re-run, and in
+    training the weight changes every step anyway. Eager calls keep the autograd Function and the cache."""
+    if norm_weight is not None and x.shape[-1] > MAX_ROW:
+        row_block(x.shape[-1])  # the RMSNorm backward keeps rows in registers: refuse too-long rows up front
+    out_dtype = compute_dtype(x)
+    if torch.compiler.is_compiling():
+        w_codes, w_scale = _library.ternarize_absmean(weight.detach(), per_channel, weight_eps)
+        return _library.bitlinear_forward(x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
+                                          save_input, out_dtype)[0]
     w_codes, w_scale = ternarize_cached(weight, per_channel, weight_eps, weight_cache)
     return BitLinearFunction.apply(x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input,
-                                   compute_dtype(x))
+                                   out_dtype)
 
 
 def bitlinear_inference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
                         bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
                         norm_eps: float = 1e-6, act_eps: float = ACT_EPS) -> torch.Tensor:
     """Forward only, from frozen int8 weight codes [N, K] and their scale ([] or [N]); no master weight."""
-    x2 = as_rows(x.detach())
-    codes, a_scale, _ = quantize_input(x2, None if norm_weight is None else norm_weight.detach(), norm_eps, act_eps)
-    y = int8_matmul(codes, w_codes, a_scale, w_scale, None if bias is None else bias.detach(),
-                    out_dtype=compute_dtype(x))
-    return y.reshape(*x.shape[:-1], w_codes.shape[0])
+    bias = None if bias is None else bias.detach()
+    norm_weight = None if norm_weight is None else norm_weight.detach()
+    if torch.compiler.is_compiling():  # the forward op; the codes stand in for the latent weight, which it never reads
+        return _library.bitlinear_forward(x.detach(), w_codes, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
+                                          False, compute_dtype(x))[0]
+    return bitlinear_forward_impl(x.detach(), bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
+                                  compute_dtype(x))[0]
+
+
+from . import bitlinear_library as _library  # noqa: E402  (registers torch.ops.bitkernels.*; imports the above)
