@@ -227,9 +227,14 @@ def pack_corpus(tokenizer, texts: Iterable[str], block_size: int, token_budget: 
     return blocks
 
 
-def collate(examples: list[dict], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
-    """Pad to the longest example: input_ids, attention_mask, labels (IGNORE_INDEX on padding) if present."""
+def collate(examples: list[dict], pad_id: int, left_pad: bool = False,
+            pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Pad to the longest example, rounded up to ``pad_to_multiple_of`` (fewer distinct shapes: compiled layers and
+    CUDA graphs are recorded once per shape): input_ids, attention_mask, labels (IGNORE_INDEX on padding)."""
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     width = max(len(e["input_ids"]) for e in examples)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     ids, mask, labels = [], [], []
     for e in examples:
         n, pad = len(e["input_ids"]), width - len(e["input_ids"])

@@ -45,6 +45,7 @@ class TrainArgs:
     eval_batch_size: int = 32
     stop_after_steps: int | None = None   # end this session after this step (checkpointed), resumable later
     compile: str | None = None        # torch.compile mode of each decoder layer (bitdistill.regional_compile)
+    pad_to_multiple_of: int = 1       # round batch lengths up (with compile: one graph per length bucket)
 
 
 def total_steps(args: TrainArgs, n_examples: int, world: int) -> int:
@@ -113,7 +114,8 @@ def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: Tra
         sums: dict[str, float] = {}
         for micro in range(args.grad_accum):
             idx = batch_indices(len(examples), seed, step, micro, rank, args, world)
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id,
+                                                                  pad_to_multiple_of=args.pad_to_multiple_of).items()}
             sums["tokens"] = sums.get("tokens", 0.0) + float(batch["attention_mask"].sum())
             sync = accelerator.no_sync(model) if micro < args.grad_accum - 1 else nullcontext()
             mark_step_begin(args.compile)

@@ -52,6 +52,13 @@ def test_collate_pads_right_or_left(tok):
     assert (right["labels"][0][right["attention_mask"][0] == 0] == IGNORE_INDEX).all()
     left = collate([a, b], pad_id=0, left_pad=True)
     assert left["input_ids"][0, -1].item() == a["input_ids"][-1]
+    bucketed = collate([a, b], pad_id=0, pad_to_multiple_of=16)
+    width = bucketed["input_ids"].shape[1]
+    assert width % 16 == 0 and len(b["input_ids"]) <= width < len(b["input_ids"]) + 16
+    assert bucketed["attention_mask"].sum().item() == len(a["input_ids"]) + len(b["input_ids"])
+    assert (bucketed["labels"][bucketed["attention_mask"] == 0] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        collate([a, b], pad_id=0, pad_to_multiple_of=0)
 
 
 def test_local_csv_with_string_labels_and_pairs(tmp_path):

@@ -165,7 +165,7 @@ def cases(device: torch.device, quick: bool):
             nwd = nw.detach()
             wc, ws = ops.ternarize_absmean(wd)
             xc, xs, rstd = ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, 1e-5)
-            gh = dy @ (wc.to(dtype) * ws.to(dtype))
+            gh = ops.bitlinear_grad_input(dy, wc, ws)
             xq = ops.dequantize_int8(xc, xs, dtype)
             impls.update({
                 "part_ternarize_w": lambda wd=wd: ops.ternarize_absmean(wd),

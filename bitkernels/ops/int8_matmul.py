@@ -7,19 +7,16 @@ GEMMs (float gradients times dequantized codes) run on cuBLAS: see ``ops.bitline
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..backend import triton_interpreter_enabled
 from ._common import AUTOTUNE, cast_to, on_device
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(hopper_like: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    if _INTERPRET:  # the interpreter runs every config it is given: one small one keeps CPU tests fast
+    if triton_interpreter_enabled():  # the interpreter runs every config it is given: one small one keeps CPU tests fast
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in hopper_like]
