@@ -47,6 +47,17 @@ def _norm_ms(norm_ms: torch.Tensor | None, m: int) -> torch.Tensor | None:
     return None if norm_ms is None else _check_f32_vector(norm_ms.reshape(-1).contiguous(), m, "norm_ms")
 
 
+def _check_bitlinear_args(w_packed, w_scale, in_features: int, bias, norm_weight):
+    """The constant arguments of a packed BitLinear, checked: -> (K_pad, N, float32 scale [1] or [N], bias,
+    norm_weight)."""
+    kp = _check_weight(w_packed, in_features)
+    n = w_packed.shape[0]
+    if w_scale.numel() not in (1, n):
+        raise ValueError(f"w_scale must have 1 or {n} values, got {w_scale.numel()}")
+    scale = _check_f32_vector(w_scale.reshape(-1).contiguous(), w_scale.numel(), "w_scale")
+    return kp, n, scale, _check_f32_vector(bias, n, "bias"), _check_f32_vector(norm_weight, in_features, "norm_weight")
+
+
 def ternary_gemm_int32(x_codes: torch.Tensor, w_packed: torch.Tensor, in_features: int,
                        n_threads: int | None = None) -> torch.Tensor:
     """Exact ``x_codes @ codes^T`` in int32: int8 activations [M, K] times i2-packed ternary weights [N, K]."""
@@ -92,13 +103,7 @@ def bitlinear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Ten
     ``w_scale``: [] / [1] (per tensor) or [N] (per row); ``norm_ms``: see ``quantize_activations``."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal in_features={in_features}")
-    kp = _check_weight(w_packed, in_features)
-    n = w_packed.shape[0]
-    if w_scale.numel() not in (1, n):
-        raise ValueError(f"w_scale must have 1 or {n} values, got {w_scale.numel()}")
-    w_scale = _check_f32_vector(w_scale.reshape(-1), w_scale.numel(), "w_scale")
-    bias = _check_f32_vector(bias, n, "bias")
-    norm_weight = _check_f32_vector(norm_weight, in_features, "norm_weight")
+    kp, n, w_scale, bias, norm_weight = _check_bitlinear_args(w_packed, w_scale, in_features, bias, norm_weight)
     x2 = x.reshape(-1, in_features).to(torch.float32).contiguous()
     m = x2.shape[0]
     ms = _norm_ms(norm_ms, m)
@@ -127,14 +132,9 @@ class PreparedBitLinear:
     def __init__(self, w_packed: torch.Tensor, w_scale: torch.Tensor, in_features: int,
                  bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6,
                  act_eps: float = ACT_EPS):
-        kp = _check_weight(w_packed, in_features)
-        n = w_packed.shape[0]
-        if w_scale.numel() not in (1, n):
-            raise ValueError(f"w_scale must have 1 or {n} values, got {w_scale.numel()}")
         self.tensors = (w_packed, w_scale, bias, norm_weight)
-        scale = _check_f32_vector(w_scale.reshape(-1).contiguous(), w_scale.numel(), "w_scale")
-        self._keep = (w_packed, scale, _check_f32_vector(bias, n, "bias"),
-                      _check_f32_vector(norm_weight, in_features, "norm_weight"))
+        kp, n, scale, bias, norm_weight = _check_bitlinear_args(w_packed, w_scale, in_features, bias, norm_weight)
+        self._keep = (w_packed, scale, bias, norm_weight)
         self.k, self.n, self.subln = in_features, n, norm_weight is not None
         lib = _build.load()
         self._desc = _LinearDesc(in_features, kp, n, w_packed.data_ptr(), scale.data_ptr(), _ptr(bias),

@@ -59,11 +59,16 @@ def row_tiling(n_cols: int) -> tuple[int, int, int, bool]:
     return CHUNK, 1, 8, True
 
 
-def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS per program, num_warps) for row-wise kernels that keep whole rows in registers."""
+def check_row_length(n_cols: int, name: str = "x") -> None:
+    """Refuse rows longer than the register-resident kernels take (before any work is launched)."""
     if n_cols > MAX_ROW:
         raise ValueError(f"{name} rows of {n_cols} elements exceed the Triton kernels' limit of {MAX_ROW}; "
                          "use backend='torch'")
+
+
+def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS per program, num_warps) for row-wise kernels that keep whole rows in registers."""
+    check_row_length(n_cols, name)
     block_n = triton.next_power_of_2(max(n_cols, 1))
     rows = max(1, min(16, 4096 // block_n))  # short rows: several per program so each moves >= 4K elements
     num_warps = min(16, max(1, rows * block_n // 256))

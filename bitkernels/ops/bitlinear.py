@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..reference.bitlinear import bitlinear_grad_weight  # a plain cuBLAS GEMM: the reference is the op
 from ..reference.quantization import ACT_EPS, WEIGHT_EPS
-from ._common import MAX_ROW, as_rows, row_block
+from ._common import as_rows, check_row_length
 from .act_quant import quantize_activations_int8
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
@@ -181,8 +181,8 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     Under torch.compile it runs as the custom ops ``torch.ops.bitkernels.*`` (one graph, CUDA-graph capturable),
     ternarizing the weight every call: ``weight_cache`` is Python state a captured graph would not re-run, and in
     training the weight changes every step anyway. Eager calls keep the autograd Function and the cache."""
-    if norm_weight is not None and x.shape[-1] > MAX_ROW:
-        row_block(x.shape[-1])  # the RMSNorm backward keeps rows in registers: refuse too-long rows up front
+    if norm_weight is not None:
+        check_row_length(x.shape[-1])  # the RMSNorm backward keeps rows in registers: refuse too-long rows up front
     out_dtype = compute_dtype(x)
     if torch.compiler.is_compiling():
         w_codes, w_scale = _library.ternarize_absmean(weight.detach(), per_channel, weight_eps)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ..reference.quantization import ACT_EPS
-from ._common import as_rows, cast_to, on_device, row_block, row_tiling
+from ._common import as_rows, cast_to, check_row_length, on_device, row_block, row_tiling
 from .act_quant import int8_row_scales, store_int8, store_int8_rows
 
 
@@ -147,7 +147,7 @@ class RMSNormFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, act_eps: float):
-        row_block(x.shape[-1])  # the backward keeps rows in registers: refuse too-long rows before any work
+        check_row_length(x.shape[-1])  # the backward keeps rows in registers: refuse too-long rows before any work
         x2 = as_rows(x)
         out, _, rstd = rmsnorm_quantize_int8_forward(x2, weight, eps, act_eps, dequantize=True)
         ctx.save_for_backward(x2, weight, rstd)
