@@ -145,7 +145,7 @@ def print_check(check: dict, layers: int) -> None:
     print(f"correctness, {layers}-layer model, one batch (fused and reference under bf16 autocast, reference in fp32):")
     for k, v in check["parts_rel_diff"].items():
         print(f"  loss part {k:<8} fused vs reference rel diff {v:.2e}")
-    print(f"  {"gradient":<44} {'fused-fp32':>11} {'ref bf16-fp32':>14} {'fused-ref':>10}")
+    print(f"  {'gradient':<44} {'fused-fp32':>11} {'ref bf16-fp32':>14} {'fused-ref':>10}")
     for n, v in check["grad_rel_err_fused_vs_fp32"].items():
         print(f"  {n:<44} {v:>11.2e} {check['grad_rel_err_reference_bf16_vs_fp32'][n]:>14.2e} "
               f"{check['grad_rel_diff_fused_vs_reference'][n]:>10.2e}")

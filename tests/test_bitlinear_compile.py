@@ -115,7 +115,7 @@ def test_opcheck_bitlinear_backward(device, saved, asked):
     nw = torch.rand(k, device=device) + 0.5 if saved != "codes" else None
     w_codes, w_scale = library.ternarize_absmean(torch.randn(n, k, device=device), False, 1e-5)
     _, codes, a_scale, rstd = bitlinear_forward_impl(x, None, nw, w_codes, w_scale, 1e-6, 1e-5, torch.float32)
-    state = {"x": (x, None, None, None), "codes+rstd": (None, codes, a_scale, rstd),
+    state = {"x": (x, None, None, rstd), "codes+rstd": (None, codes, a_scale, rstd),
              "codes": (None, codes, a_scale, None)}[saved]
     grad_y = torch.randn(m, n, device=device)
     # No requires_grad: the backward op has no autograd of its own (double backward is not supported).

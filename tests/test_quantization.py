@@ -5,6 +5,7 @@ import torch
 import bitkernels as bk
 import bitkernels.reference as ref
 from bitkernels import ops
+from bitkernels.reference.quantization import ACT_EPS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROW_SHAPES = [
@@ -205,3 +206,57 @@ def test_chunked_row_path_matches_reference(shape, dtype, device, chunked_rows):
         assert (codes.int() - ref_codes.int()).abs().max() <= 1
     y = ops.rmsnorm_fake_quantize(x, w)
     torch.testing.assert_close(y, (codes.float() * scale.unsqueeze(-1)).to(dtype), rtol=0, atol=0)
+
+
+@pytest.fixture(params=["whole_rows", "row_dot_then_tiles"])
+def rmsnorm_backward_path(request, monkeypatch):
+    """Both RMSNorm backward paths at small shapes: rows in registers, and the long-row pair (per-row dot, then
+    column tiles), forced with small blocks so rows span several chunks and tiles."""
+    from bitkernels.ops import rmsnorm_quant
+
+    if request.param == "row_dot_then_tiles":
+        monkeypatch.setattr(rmsnorm_quant, "WHOLE_ROW_MAX", 8)
+        monkeypatch.setattr(rmsnorm_quant, "DOT_BLOCK", 64)
+        monkeypatch.setattr(rmsnorm_quant, "TILE_M", 4)
+        monkeypatch.setattr(rmsnorm_quant, "TILE_N", 32)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 17), (37, 300), (0, 64), (1, 1000),
+                                   pytest.param((8192, 2560), marks=pytest.mark.gpu),
+                                   pytest.param((2048, 9728), marks=pytest.mark.gpu)])
+def test_rmsnorm_backward_and_dequantize(shape, dtype, device, rmsnorm_backward_path):
+    eps, act_eps = 1e-6, ACT_EPS
+    x = randn(shape, dtype, device, scale=2.0)
+    w = randn(shape[-1:], dtype, device) * 0.1 + 1
+    w[1] = 0  # a zero norm weight: no gradient through that column from the codes
+    dy = randn(shape, dtype, device)
+    codes, scale, rstd = ops.rmsnorm_quantize_int8_forward(x, w, eps, act_eps)
+    # What the forward's GEMM consumed: these codes times their scale, rounded once to dtype. (Not a second forward
+    # pass: on a GPU its row sums may reduce in another order and move 1/rms, hence codes, by an ulp.)
+    forward_deq = (codes.float() * scale.unsqueeze(-1)).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    dw_atol = tol * max(1, shape[0]) ** 0.5
+
+    # From x and the forward's 1/rms: the forward's codes rebuilt bit for bit; dx, dw are RMSNorm's (float64 autograd).
+    dx, dw, xq = ops.rmsnorm_backward_and_dequantize(dy, x, w, rstd, act_eps, dtype)
+    torch.testing.assert_close(xq, forward_deq, rtol=0, atol=0)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref.rmsnorm(xr, wr, eps).backward(dy.double())
+    assert dx.dtype == dtype and dw.dtype == dtype
+    torch.testing.assert_close(dx.double(), xr.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.double(), wr.grad, rtol=tol, atol=dw_atol)
+    dx2, dw2 = ops.rmsnorm_backward(dy, x, w, rstd)  # the same pass without the dequantized output
+    torch.testing.assert_close(dx2, dx, rtol=0, atol=0)
+    torch.testing.assert_close(dw2, dw, rtol=0, atol=0)
+
+    # From the int8 codes: x_hat = codes * scale / w (the quantized value), in float64 for the expected gradients.
+    dx, dw, xq = ops.rmsnorm_backward_and_dequantize(dy, codes, w, rstd, act_eps, dtype, scale, dtype)
+    torch.testing.assert_close(xq, forward_deq, rtol=0, atol=0)
+    wd, r = w.double(), rstd.double().unsqueeze(-1)
+    x_hat = torch.where(wd != 0, codes.double() * scale.double().unsqueeze(-1) / torch.where(wd != 0, wd, 1), 0)
+    g = dy.double() * wd
+    dx_ref = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.double(), (dy.double() * x_hat).sum(0), rtol=tol, atol=dw_atol)

@@ -4,7 +4,7 @@ Rows: the linear shapes of Qwen3-0.6B / 1.7B / 4B (hidden -> intermediate, and 4
 tokens, bf16 activations and weights; fwd+bwd (a training step of the layer, weight quantized every call as after an
 optimizer step) and forward only. Implementations:
     ours               bitkernels.ops.bitlinear: int8 tensor-core forward, cuBLAS backward on dequantized codes; keeps x alone
-                       (exact SubLN gradients) and rebuilds the int8 codes in the backward
+                       (exact SubLN gradients); the SubLN backward rebuilds the int8 codes from the same read of x
     ours_save_codes    the same keeping only the int8 codes (save_input=False: approximate SubLN gradients)
     ours_cached_w      forward only, ternary codes cached (eval / gradient-accumulation micro-steps)
     ours_compile       the same layer as a BitLinear module under torch.compile (default mode): the custom ops
@@ -12,6 +12,7 @@ optimizer step) and forward only. Implementations:
     ours_cudagraph     the same module under torch.compile(mode="reduce-overhead"): the step replayed as CUDA graphs
                        (x and dy copied into the graph's static inputs each call; CUDA only)
     plain_eager        F.rms_norm + F.linear in bf16 (cuBLAS), eager;   plain_compile: the same under torch.compile
+    plain_cudagraph    the same as a module under torch.compile(mode="reduce-overhead"), timed as ours_cudagraph is
     ref_eager          reference.bitlinear (fake-quantized bf16 math);  ref_compile: the same under torch.compile
     floor_bf16_3gemm   the three cuBLAS bf16 GEMMs of the step (fwd, grad_x, grad_W) and nothing else
     cublas_linear      forward only: F.linear in bf16 alone (no norm)
@@ -41,11 +42,6 @@ def reference_bitlinear(x, nw, w):
     return ref.bitlinear(x, w, None, nw, EPS)
 
 
-def _subln_bwd(gh, codes, scale, rstd, nw):
-    import importlib
-
-    return importlib.import_module("bitkernels.ops.rmsnorm_quant").rmsnorm_backward(gh, codes, nw, rstd, scale,
-                                                                                    gh.dtype)
 
 
 def _check(ops, x, w, nw, dy, shape):
@@ -82,6 +78,18 @@ def _ours_module(w, nw):
     module.weight = torch.nn.Parameter(w.detach())
     module.subln.weight = torch.nn.Parameter(nw.detach())
     return module
+
+
+class _PlainLayer(torch.nn.Module):
+    """`plain` as a module (parameters sharing w's and nw's storage), for the same CUDA-graph capture as ours."""
+
+    def __init__(self, w, nw):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w.detach())
+        self.norm_weight = torch.nn.Parameter(nw.detach())
+
+    def forward(self, x):
+        return plain(x, self.norm_weight, self.weight)
 
 
 def _check_compiled(eager_module, compiled: dict, x, dy, shape):
@@ -160,6 +168,11 @@ def cases(device: torch.device, quick: bool):
             module_fwds = {name: (lambda x=x, m=m: m(x)) for name, m in compiled.items()}
             impls.update({name: _fwd_bwd(f, module_params, dy, new_step=name == "ours_cudagraph")
                           for name, f in module_fwds.items()})
+            if device.type == "cuda":  # like for like with ours_cudagraph: the same capture and input copies
+                plain_module = _PlainLayer(w, nw)
+                plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
+                impls["plain_cudagraph"] = _fwd_bwd(lambda x=x, m=plain_cg: m(x),
+                                                    (x, plain_module.weight, plain_module.norm_weight), dy, True)
             impls["floor_bf16_3gemm"] = lambda xd=xd, wd=wd, dyd=dyd: (xd @ wd.t(), dyd @ wd, dyd.t() @ xd)
             # The pieces of `ours`, timed alone: where its time goes.
             nwd = nw.detach()
@@ -171,10 +184,11 @@ def cases(device: torch.device, quick: bool):
                 "part_ternarize_w": lambda wd=wd: ops.ternarize_absmean(wd),
                 "part_subln_quant": lambda xd=xd, nwd=nwd: ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, 1e-5),
                 "part_int8_gemm": lambda xc=xc, xs=xs, wc=wc, ws=ws: ops.int8_matmul(xc, wc, xs, ws),
-                "part_dequantize_x": lambda xc=xc, xs=xs: ops.dequantize_int8(xc, xs, dtype),
                 "part_grad_x_gemm": lambda dy=dy, wc=wc, ws=ws: ops.bitlinear_grad_input(dy, wc, ws),
                 "part_grad_w_gemm": lambda dy=dy, xq=xq: ops.bitlinear_grad_weight(dy, xq, dtype),
-                "part_subln_bwd": lambda gh=gh, xc=xc, xs=xs, rstd=rstd, nwd=nwd: _subln_bwd(gh, xc, xs, rstd, nwd),
+                # the SubLN backward from x, also writing the grad_W GEMM's dequantized codes (ours' default path)
+                "part_subln_bwd": lambda gh=gh, xd=xd, rstd=rstd, nwd=nwd: ops.rmsnorm_backward_and_dequantize(
+                    gh, xd, nwd, rstd, 1e-5, dtype),
             })
             saved_fwds = {**fwds, "ours_compile": module_fwds["ours_compile"]}  # CUDA graphs keep a static pool
             notes = {f"saved_MiB_{name}": (lambda b: None if b is None else round(b / 2 ** 20, 2))(

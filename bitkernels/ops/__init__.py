@@ -6,5 +6,6 @@ from .bitlinear import bitlinear, bitlinear_grad_input, bitlinear_grad_weight, b
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
 from .act_quant import fake_quantize_activations, quantize_activations_int8
-from .rmsnorm_quant import rmsnorm_backward, rmsnorm_fake_quantize, rmsnorm_quantize_int8, rmsnorm_quantize_int8_forward
+from .rmsnorm_quant import (rmsnorm_backward, rmsnorm_backward_and_dequantize, rmsnorm_fake_quantize, rmsnorm_quantize_int8,
+                            rmsnorm_quantize_int8_forward)
 from .ternarize import fake_quantize_weight, ternarize_absmean

@@ -3,14 +3,15 @@
 Forward:  (SubLN RMSNorm +) per-token int8 quantization of x in one pass (``rmsnorm_quant`` / ``act_quant``), then
           ``int8_matmul`` with the two scales and the bias in its epilogue. The ternary weight codes come from
           ``ternarize_cached``: computed once per weight version, not once per call.
-Backward: straight-through estimator. grad_h = grad_y @ (Wq*s) and grad_W = grad_y^T @ (xq*a/127) on cuBLAS, each
-          over a dequantized copy of the codes made right before it and freed right after (``dequantize_int8``; with
-          SubLN and ``save_input`` the re-quantizing pass writes xq*a/127 directly); then the SubLN RMSNorm backward.
+Backward: straight-through estimator. grad_h = grad_y @ (Wq*s), then the SubLN RMSNorm backward, then
+          grad_W = grad_y^T @ (xq*a/127), both GEMMs on cuBLAS over dequantized copies made right before and freed
+          right after: Wq*s by ``dequantize_int8``, xq*a/127 by the RMSNorm backward itself from the same read of x
+          (or of the codes) that gives dx (``rmsnorm_backward_and_dequantize``): one pass over x, not two.
 Saved:    without SubLN: the int8 activation codes + fp32 per-token scale (1 byte per element; plain nn.Linear
           keeps the bf16 input, 2). With SubLN the RMSNorm backward needs x*rstd, two choices:
           ``save_input=True`` (the default of BitLinear and of ``bitlinear``): keep x only (2 bytes per element,
-          half of plain RMSNorm+Linear's x and normalized x) and rebuild the codes in the backward with one more
-          SubLN+quant pass: the reference's exact gradients.
+          half of plain RMSNorm+Linear's x and normalized x; plus the 4-byte 1/rms per row) and rebuild the codes in
+          the backward: the reference's exact gradients.
           ``save_input=False``: keep the codes only (1 byte per element) and rebuild x*rstd as codes*scale / norm_weight
           (the quantized value, as the straight-through estimator already treats it): x's and the norm weight's
           gradients then carry the int8 rounding (|error| <= absmax/254 per element before the division by the norm
@@ -30,7 +31,7 @@ from ._common import as_rows, check_row_length
 from .act_quant import quantize_activations_int8
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
-from .rmsnorm_quant import rmsnorm_backward, rmsnorm_quantize_int8_forward
+from .rmsnorm_quant import rmsnorm_backward, rmsnorm_backward_and_dequantize, rmsnorm_quantize_int8_forward
 from .ternarize import ternarize_absmean
 
 
@@ -107,28 +108,34 @@ def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, n
                             act_eps: float, x_dtype: torch.dtype, weight_dtype: torch.dtype,
                             bias_dtype: torch.dtype, grad_input: bool, grad_weight: bool, grad_bias: bool):
     """The backward on tensors alone: -> (grad_x [M, K], grad_W, grad_bias, grad_norm_weight), None where not asked
-    for (``grad_input`` asks for x's and the norm weight's). Saved state: ``x`` (SubLN with save_input: the
-    codes are rebuilt from it) or else ``codes``, ``a_scale`` and (SubLN) ``rstd``. Shared as the forward is."""
-    if x is not None:  # one memory-bound pass over x instead of keeping x and its codes both alive
-        x = as_rows(x)
-        x_deq, _, rstd = rmsnorm_quantize_int8_forward(x, norm_weight, norm_eps, act_eps, dequantize=True,
-                                                       out_dtype=grad_y.dtype)
-    else:
-        x_deq = None
+    for (``grad_input`` asks for x's and the norm weight's). Saved state: ``x`` and the forward's ``rstd`` (SubLN
+    with save_input: the codes are rebuilt from them bit for bit) or else ``codes``, ``a_scale`` and (SubLN)
+    ``rstd``. Shared as the forward is."""
     g2 = grad_y.reshape(-1, w_codes.shape[0])
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
-    grad_x = grad_w = grad_b = grad_nw = None
+    if x is not None:
+        if rstd is None or rstd.numel() != x.numel() // max(x.shape[-1], 1):
+            raise ValueError(f"a backward from the saved input x needs the forward's 1/rms (rstd), one per row; got {None if rstd is None else tuple(rstd.shape)} for x {tuple(x.shape)}")
+        x = as_rows(x)
+    grad_x = grad_w = grad_b = grad_nw = x_deq = None
     if grad_input:
         grad_h = bitlinear_grad_input(g2, w_codes, w_scale)  # d loss / d (quantized) normalized input, STE
         if norm_weight is None:
             grad_x = grad_h.to(x_dtype)
-        elif x is not None:
-            grad_x, grad_nw = rmsnorm_backward(grad_h, x, norm_weight, rstd)
         else:
-            grad_x, grad_nw = rmsnorm_backward(grad_h, codes, norm_weight, rstd, a_scale, x_dtype)
+            source, code_scale = (x, None) if x is not None else (codes, a_scale)
+            if grad_weight:  # the same pass over x (or its codes) writes the weight GEMM's dequantized operand
+                grad_x, grad_nw, x_deq = rmsnorm_backward_and_dequantize(grad_h, source, norm_weight, rstd, act_eps,
+                                                                         g2.dtype, code_scale, x_dtype)
+            else:
+                grad_x, grad_nw = rmsnorm_backward(grad_h, source, norm_weight, rstd, code_scale, x_dtype)
+        del grad_h
     if grad_weight:
-        if x_deq is None:
+        if x_deq is None and x is not None:  # the codes rebuilt from x by the forward's own pass
+            x_deq = rmsnorm_quantize_int8_forward(x, norm_weight, norm_eps, act_eps, dequantize=True,
+                                                  out_dtype=g2.dtype)[0]
+        elif x_deq is None:
             x_deq = dequantize_int8(codes, a_scale, g2.dtype)
         grad_w = bitlinear_grad_weight(g2, x_deq, weight_dtype)
     if grad_bias:
@@ -150,7 +157,7 @@ class BitLinearFunction(torch.autograd.Function):
         y, codes, a_scale, rstd = bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
                                                          out_dtype)
         if keeps_input(norm_weight, save_input):
-            ctx.save_for_backward(x, None, None, None, w_codes, w_scale, norm_weight)
+            ctx.save_for_backward(x, None, None, rstd, w_codes, w_scale, norm_weight)
         else:
             ctx.save_for_backward(None, codes, a_scale, rstd, w_codes, w_scale, norm_weight)
         ctx.norm_eps, ctx.act_eps = norm_eps, act_eps

@@ -85,7 +85,7 @@ def _forward_setup_context(ctx, inputs, output):
     _, codes, a_scale, rstd = output
     ctx.mark_non_differentiable(codes, a_scale, rstd)
     if keeps_input(norm_weight, save_input):  # x itself (an input: no copy), the codes are rebuilt in backward
-        ctx.save_for_backward(x, None, None, None, w_codes, w_scale, norm_weight)
+        ctx.save_for_backward(x, None, None, rstd, w_codes, w_scale, norm_weight)
     else:
         ctx.save_for_backward(None, codes, a_scale, None if norm_weight is None else rstd, w_codes, w_scale,
                               norm_weight)

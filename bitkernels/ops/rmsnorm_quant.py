@@ -1,6 +1,7 @@
 """SubLN RMSNorm fused with per-token INT8 quantization: x is read once, the normalized row never leaves registers.
 
-Backward (straight-through through the quantizer) is the plain RMSNorm backward, from x and the saved 1/rms.
+Backward (straight-through through the quantizer) is the plain RMSNorm backward, from x and the saved 1/rms; for
+BitLinear it also writes the dequantized codes the weight-gradient GEMM needs, from the same read of x.
 """
 from __future__ import annotations
 
@@ -57,18 +58,47 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
-                        rows_per_program, stride_dy, stride_x, stride_dx,
-                        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FROM_CODES: tl.constexpr):
-    # Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of dw in registers:
-    # no atomics, deterministic. FROM_CODES: x_ptr holds the forward's int8 codes of y = x_hat * w, so x_hat is
-    # rebuilt as codes * scale / w and the bf16 input need not be kept for backward.
+def _normalized_input(x, rstd, code_scale, inv_w, FROM_CODES: tl.constexpr):
+    # x_hat = x * rstd; FROM_CODES: x holds the forward's int8 codes of x_hat * w, so x_hat = codes * scale / w
+    if FROM_CODES:
+        return x * code_scale[:, None] * inv_w[None, :]
+    return x * rstd[:, None]
+
+
+@triton.jit
+def _load_bwd_rows(dy_ptr, x_ptr, rstd_ptr, code_scale_ptr, rows, cols, row_mask, mask, stride_dy, stride_x, inv_w,
+                   FROM_CODES: tl.constexpr):
+    # One tile of rows x columns of dy and x (or codes) in float32, the rows' 1/rms and code scale, and x_hat
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    code_scale = tl.load(code_scale_ptr + rows, mask=row_mask, other=0.0)
+    return dy, x, rstd, code_scale, _normalized_input(x, rstd, code_scale, inv_w, FROM_CODES)
+
+
+@triton.jit
+def _store_dequantized(xq_ptrs, x, x_hat, w, code_scale, absmax, mask, FROM_CODES: tl.constexpr):
+    # The forward's quantized SubLN output, codes * scale, for the weight-gradient GEMM. From x it is rebuilt with
+    # the forward's own rstd and the same elementwise products, so the codes are the forward's bit for bit.
+    if FROM_CODES:
+        tl.store(xq_ptrs, cast_to(x * code_scale[:, None], xq_ptrs.dtype.element_ty), mask=mask)
+    else:
+        inv, scale = int8_row_scales(absmax)
+        store_int8(xq_ptrs, x_hat * w[None, :], inv, scale, mask, True)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, dw_partial_ptr, xq_ptr, n_rows,
+                        n_cols, rows_per_program, stride_dy, stride_x, stride_dx, stride_xq, act_eps,
+                        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FROM_CODES: tl.constexpr,
+                        WRITE_XQ: tl.constexpr):
+    # Whole rows in registers. Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of
+    # dw in registers: no atomics, deterministic.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if FROM_CODES:
-        inv_w = tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
+    inv_w = tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -76,20 +106,76 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, 
         rows = first + tl.arange(0, ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        if FROM_CODES:
-            code_scale = tl.load(code_scale_ptr + rows, mask=row_mask, other=0.0)
-            x_hat = x * code_scale[:, None] * inv_w[None, :]
-        else:
-            x_hat = x * rstd[:, None]
+        dy, x, rstd, code_scale, x_hat = _load_bwd_rows(dy_ptr, x_ptr, rstd_ptr, code_scale_ptr, rows, cols, row_mask,
+                                                        mask, stride_dy, stride_x, inv_w, FROM_CODES)
         g = dy * w[None, :]
         c = tl.sum(g * x_hat, axis=1) / n_cols
         dx = rstd[:, None] * (g - x_hat * c[:, None])
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * x_hat, axis=0)
+        if WRITE_XQ:
+            absmax = tl.maximum(tl.max(tl.abs(x_hat * w[None, :]), axis=1), act_eps)
+            _store_dequantized(xq_ptr + rows[:, None] * stride_xq + cols[None, :], x, x_hat, w, code_scale, absmax,
+                               mask, FROM_CODES)
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=col_mask)
+
+
+@triton.jit
+def _rmsnorm_bwd_row_dot_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dot_ptr, absmax_ptr, n_rows,
+                                n_cols, stride_dy, stride_x, act_eps, BLOCK_N: tl.constexpr,
+                                FROM_CODES: tl.constexpr, WRITE_XQ: tl.constexpr):
+    # Long rows, step 1 of 2: per row, dot = sum(dy * w * x_hat) / n (and the absmax of x_hat * w), in chunks.
+    row = tl.program_id(0).to(tl.int64)
+    rstd = tl.load(rstd_ptr + row)
+    code_scale = tl.load(code_scale_ptr + row)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if FROM_CODES:  # dy * w * (codes * scale / w) = dy * codes * scale where w != 0
+            acc += dy * tl.where(w != 0.0, x, 0.0)
+        else:
+            acc += dy * w * x
+            if WRITE_XQ:
+                amax = tl.maximum(amax, tl.abs(x * rstd * w))
+    tl.store(dot_ptr + row, tl.sum(acc, axis=0) * (code_scale if FROM_CODES else rstd) / n_cols)
+    if WRITE_XQ and not FROM_CODES:
+        tl.store(absmax_ptr + row, tl.maximum(tl.max(amax, axis=0), act_eps))
+
+
+@triton.jit
+def _rmsnorm_bwd_tile_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dot_ptr, absmax_ptr, dx_ptr,
+                             dw_partial_ptr, xq_ptr, n_rows, n_cols, rows_per_program, stride_dy, stride_x,
+                             stride_dx, stride_xq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             FROM_CODES: tl.constexpr, WRITE_XQ: tl.constexpr):
+    # Long rows, step 2 of 2: one column block over a run of rows; dx is elementwise given the row's dot, and dw
+    # is summed in registers over the run (no atomics, deterministic).
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    inv_w = tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = tl.program_id(1).to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for first in range(row_start, row_end, BLOCK_M):
+        rows = first + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy, x, rstd, code_scale, x_hat = _load_bwd_rows(dy_ptr, x_ptr, rstd_ptr, code_scale_ptr, rows, cols, row_mask,
+                                                        mask, stride_dy, stride_x, inv_w, FROM_CODES)
+        dot = tl.load(dot_ptr + rows, mask=row_mask, other=0.0)
+        dx = rstd[:, None] * (dy * w[None, :] - x_hat * dot[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+        if WRITE_XQ:
+            absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=1.0)
+            _store_dequantized(xq_ptr + rows[:, None] * stride_xq + cols[None, :], x, x_hat, w, code_scale, absmax,
+                               mask, FROM_CODES)
+    tl.store(dw_partial_ptr + tl.program_id(1) * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
 def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, act_eps: float,
@@ -112,28 +198,73 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
     return out, scale, rstd
 
 
+# Rows padded past this many columns take the two-kernel path (row dot, then column tiles). On the H100 the
+# whole-row kernel ran 1.2-1.3x its bandwidth floor up to 4096 and 1.8x at 16384 (register spills), the pair
+# ~1.0x each of its own floor (5 passes over the data instead of 3). Sweep of 2026-11-23, bench/notes/bitlinear.md.
+WHOLE_ROW_MAX = 4096
+DOT_BLOCK, DOT_WARPS = 2048, 8
+TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
+
+
+def _programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps):
+    dy2 = as_rows(dy)
+    m, n = x.shape
+    dx = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
+    write_xq = dequantized_dtype is not None
+    xq = torch.empty((m, n), device=x.device, dtype=dequantized_dtype) if write_xq else dx
+    if m == 0:
+        return dx, torch.zeros_like(weight), xq if write_xq else None
+    from_codes = code_scale is not None
+    code_scale = code_scale if from_codes else rstd  # an unused pointer when not from codes
+    if triton.next_power_of_2(n) <= WHOLE_ROW_MAX:
+        block_n, rows, num_warps = row_block(n)
+        rows_per_program = triton.cdiv(triton.cdiv(m, 4 * _programs(x.device)), rows) * rows
+        n_programs = triton.cdiv(m, rows_per_program)
+        dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
+        with on_device(x):
+            _rmsnorm_bwd_kernel[(n_programs,)](
+                dy2, x, weight, rstd, code_scale, dx, dw_partial, xq, m, n, rows_per_program,
+                dy2.stride(0), x.stride(0), dx.stride(0), xq.stride(0), act_eps, BLOCK_N=block_n, ROWS=rows,
+                FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=num_warps, enable_fp_fusion=False)
+    else:
+        dot = torch.empty(m, device=x.device, dtype=torch.float32)
+        absmax = torch.empty(m, device=x.device, dtype=torch.float32) if write_xq and not from_codes else dot
+        col_blocks = triton.cdiv(n, TILE_N)
+        splits = max(1, triton.cdiv(16 * _programs(x.device), col_blocks))
+        rows_per_program = triton.cdiv(triton.cdiv(m, splits), TILE_M) * TILE_M
+        splits = triton.cdiv(m, rows_per_program)
+        dw_partial = torch.empty((splits, n), device=x.device, dtype=torch.float32)
+        with on_device(x):
+            _rmsnorm_bwd_row_dot_kernel[(m,)](
+                dy2, x, weight, rstd, code_scale, dot, absmax, m, n, dy2.stride(0), x.stride(0), act_eps,
+                BLOCK_N=DOT_BLOCK, FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=DOT_WARPS)
+            _rmsnorm_bwd_tile_kernel[(col_blocks, splits)](
+                dy2, x, weight, rstd, code_scale, dot, absmax, dx, dw_partial, xq, m, n, rows_per_program,
+                dy2.stride(0), x.stride(0), dx.stride(0), xq.stride(0), BLOCK_M=TILE_M, BLOCK_N=TILE_N,
+                FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=TILE_WARPS, enable_fp_fusion=False)
+    return dx, dw_partial.sum(0).to(weight.dtype), xq if write_xq else None
+
+
 def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                      code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
     """RMSNorm gradients from rows ``dy``, ``x`` [M, N] and the forward's 1/rms: -> (dx, dw). With ``code_scale``,
     ``x`` is instead the forward's int8 codes of RMSNorm(x)*weight and ``code_scale`` their per-row scale
     (the STE gradient then uses the quantized x_hat). dx is in ``out_dtype`` (default: x's dtype)."""
-    dy2 = as_rows(dy)
-    m, n = x.shape
-    dx = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
-    if m == 0:
-        return dx, torch.zeros_like(weight)
-    block_n, rows, num_warps = row_block(n)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-    rows_per_program = triton.cdiv(triton.cdiv(m, 4 * sms), rows) * rows
-    n_programs = triton.cdiv(m, rows_per_program)
-    dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
-    from_codes = code_scale is not None
-    with on_device(x):
-        _rmsnorm_bwd_kernel[(n_programs,)](
-            dy2, x, weight, rstd, code_scale if from_codes else rstd, dx, dw_partial, m, n, rows_per_program,
-            dy2.stride(0), x.stride(0), dx.stride(0), BLOCK_N=block_n, ROWS=rows, FROM_CODES=from_codes,
-            num_warps=num_warps)
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, None, ACT_EPS)[:2]
+
+
+def rmsnorm_backward_and_dequantize(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                                    act_eps: float, dequantized_dtype: torch.dtype,
+                                    code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+    """``rmsnorm_backward`` that also returns the forward's quantized SubLN output as codes * scale in
+    ``dequantized_dtype`` (the BitLinear weight-gradient GEMM's operand), written while x is in registers: one pass
+    over x in the backward instead of two. From x (not codes), ``rstd`` must be the forward's own 1/rms (the codes
+    are rebuilt bit for bit from it). -> (dx, dw, dequantized [M, N])."""
+    return _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps)
 
 
 def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, act_eps: float = ACT_EPS):
