@@ -4,7 +4,8 @@
 
 A random student of the preset, packed (2-bit, bf16 embedding / head: the deployment variant), run by
 ``cpu_ref.decoder.LeanDecoder``: per token, the milliseconds and calls of each product (q|k|v, o_proj, gate|up,
-down), C layer op, the head and the embedding, and what is left outside them (the Python loop). The timers add about
+down; direct kernel calls, or with ``--modules`` through the modules), C layer op, the head and the embedding, and
+what is left outside them (the Python loop). The timers add about
 a microsecond a call: compare the instrumented total with the uninstrumented time printed next to it.
 """
 from __future__ import annotations
@@ -48,12 +49,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--preset", default="qwen3-0.6b", choices=sorted(PRESETS))
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--modules", action="store_true", help="products through their modules, not the direct calls")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         save_packed(_random_student(args.preset, 0), pathlib.Path(tmp), "i2", torch.float32, head_dtype=torch.bfloat16)
         model = load_packed(tmp, n_threads=args.threads, head_dtype=torch.bfloat16)
-    decoder = LeanDecoder(model, 64 + 8 + args.tokens)
+    decoder = LeanDecoder(model, 64 + 8 + args.tokens, direct=not args.modules)
     if not decoder.fast:
         raise SystemExit("the one-token C path is not available here (needs the AVX-512 build): nothing to profile")
     plain = ms_per_token(decoder, args.tokens)
@@ -73,14 +75,18 @@ def main(argv=None) -> int:
     for name in LAYER_OPS:
         setattr(lib, name, timed(name, getattr(lib, name)))
     for layer in decoder.layers:
-        for name in PRODUCTS:
-            setattr(layer, name, timed(name, getattr(layer, name)))
+        if decoder.direct:
+            layer.products = [timed(name, p) for name, p in zip(PRODUCTS, layer.products)]
+        else:
+            for name in PRODUCTS:
+                setattr(layer, name, timed(name, getattr(layer, name)))
     decoder.head, decoder.embed = timed("head", decoder.head), timed("embed", decoder.embed)
     total = ms_per_token(decoder, args.tokens, on_start=lambda: (spent.clear(), calls.clear()))
     for name in LAYER_OPS:
         delattr(lib, name)  # back to the plain symbols
     timed_ms = sum(spent.values()) / args.tokens * 1e3
-    print(f"{args.preset}, {args.threads} threads: {plain:.2f} ms/token ({total:.2f} instrumented: calls "
+    print(f"{args.preset}, {args.threads} threads, {'direct' if decoder.direct else 'module'} products: "
+          f"{plain:.2f} ms/token ({total:.2f} instrumented: calls "
           f"{timed_ms:.2f}, Python loop outside them {total - timed_ms:.2f})")
     for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         n = calls[name]

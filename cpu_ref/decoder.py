@@ -17,7 +17,8 @@ whatever their size, three q/k/v and two gate/up products). This loop does the s
 - Only the last position goes through the final norm and the lm_head (greedy decoding needs nothing else).
 
 The variants differ only in their modules: the linear layers, the embedding and the head are called as they are
-(``PackedBitLinear`` with its SubLN, ``nn.Linear``, ``KernelHead``, ...). ``unsupported_reason`` says why a model
+(``PackedBitLinear`` with its SubLN, ``nn.Linear``, ``KernelHead``, ...). For a float32 packed model the one-token path
+calls the products' prepared kernels directly (``_DirectProduct``: same kernels, same bits, no module machinery). ``unsupported_reason`` says why a model
 cannot use this loop (other architectures, sliding-window layers, ...); ``runner`` then falls back to the HF forward.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _joined(outs: list[torch.Tensor]) -> torch.Tensor:
 class _Layer:
     __slots__ = ("in_w", "in_eps", "post_w", "post_eps", "qkv", "qk_w", "qk_eps", "o_proj", "gate_up", "act",
                  "down", "hq", "hk", "d", "scaling", "inter", "q_norm_w", "k_norm_w", "desc", "desc_addr",
-                 "qkv_sizes")
+                 "qkv_sizes", "products")
 
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
@@ -136,7 +137,47 @@ class _Layer:
         self.inter = mlp.gate_proj.out_features
         self.act = mlp.act_fn
         self.down = mlp.down_proj
-        self.desc = self.desc_addr = None
+        self.desc = self.desc_addr = self.products = None
+
+
+class _DirectProduct:
+    """A packed product of the one-token path called straight through its prepared kernel: float32 input by
+    pointer, output into a preallocated [1, 1, N] buffer, the SubLN mean square by torch's own two ops into
+    preallocated buffers (the same ops, so the same bits, as ``PackedBitLinear.forward``). Skips per call the module
+    machinery, the argument checks and three allocations (~10 us a product on a slow core, x 4 products x layers)."""
+    __slots__ = ("fn", "addr", "prepared", "out", "out_ptr", "n_threads", "square", "ms", "ms_ptr")
+
+    def __init__(self, prepared, in_features: int, n_threads: int | None):
+        self.prepared, self.fn, self.addr = prepared, prepared._fn, prepared._addr
+        self.out = torch.empty(1, 1, prepared.n, dtype=torch.float32)
+        self.out_ptr, self.n_threads = self.out.data_ptr(), n_threads
+        self.square = self.ms = self.ms_ptr = None
+        if prepared.subln:
+            self.square = torch.empty(1, 1, in_features, dtype=torch.float32)
+            self.ms = torch.empty(1, 1, 1, dtype=torch.float32)
+            self.ms_ptr = self.ms.data_ptr()
+
+    def __call__(self, x: torch.Tensor, x_ptr: int, threads: int) -> int:
+        if self.ms is not None:  # x.pow(2).mean(-1, keepdim=True), written in place
+            torch.mean(torch.mul(x, x, out=self.square), dim=-1, keepdim=True, out=self.ms)
+        self.fn(self.addr, x_ptr, 1, self.ms_ptr, self.out_ptr, self.n_threads or threads)
+        return self.out_ptr
+
+
+def _direct_product(module) -> "_DirectProduct | None":
+    """The direct call of a packed product (a stacked FusedProduct or a PackedBitLinear), else None."""
+    from .model import PackedBitLinear
+    from .ops import PreparedBitLinear
+
+    if isinstance(module, FusedProduct):
+        return _DirectProduct(module.prepared, module.parts[0].in_features, module.n_threads) \
+            if module.kind == "packed" else None
+    if type(module) is PackedBitLinear:  # a snapshot of its buffers: the decoder is built per generation
+        b = module._buffers
+        prepared = PreparedBitLinear(b["qweight"], b["weight_scale"], module.in_features, b["bias"],
+                                     b["subln_weight"], module.subln_eps)
+        return _DirectProduct(prepared, module.in_features, module.n_threads)
+    return None
 
 
 class LeanDecoder:
@@ -146,7 +187,7 @@ class LeanDecoder:
     A prompt (T > 1) runs the torch ops below; one token runs the C ops of layer.cpp (``layer_ops``) where the
     library is vectorized and the shapes fit (``self.fast``): the same arithmetic in 4 calls a layer instead of ~50."""
 
-    def __init__(self, model: nn.Module, max_len: int, fast: bool = True):
+    def __init__(self, model: nn.Module, max_len: int, fast: bool = True, direct: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise UnsupportedModelError(f"{type(model).__name__}: {reason}")
@@ -166,6 +207,7 @@ class LeanDecoder:
         self.v_cache = torch.empty(shape, dtype=self.dtype)
         self.positions = torch.arange(max_len).unsqueeze(0)
         self.fast = fast and self._setup_fast(base)
+        self.direct = self.fast and direct and self._setup_direct()
 
     def _setup_fast(self, base) -> bool:
         """Descriptors and buffers of the one-token path; False (torch ops) where it does not apply."""
@@ -192,6 +234,18 @@ class LeanDecoder:
         self._m = torch.empty(1, 1, max(ly.inter for ly in self.layers), dtype=dtype)  # SwiGLU output
         return True
 
+    def _setup_direct(self) -> bool:
+        """Direct kernel calls for every product of a float32 packed model; False (module calls) otherwise."""
+        if self.dtype != torch.float32:
+            return False
+        for ly in self.layers:
+            ly.products = [_direct_product(m) for m in (ly.qkv, ly.o_proj, ly.gate_up, ly.down)]
+            if any(p is None for p in ly.products):
+                for layer in self.layers:
+                    layer.products = None
+                return False
+        return True
+
     def reset(self) -> None:
         self.length = 0
 
@@ -204,7 +258,7 @@ class LeanDecoder:
         if end > self.max_len:
             raise ValueError(f"{end} positions exceed the cache's max_len={self.max_len}")
         if t == 1 and self.fast:
-            return self._step(input_ids, p0)
+            return self._step_direct(input_ids, p0) if self.direct else self._step(input_ids, p0)
         h = self.embed(input_ids)
         if h.dtype != self.dtype:
             h = h.to(self.dtype)
@@ -256,14 +310,18 @@ class LeanDecoder:
         outs = [self._ready(t, n) for t, n in zip(outs, sizes)]
         return outs, [t.data_ptr() for t in outs]
 
+    def _embed_and_rope(self, input_ids: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's embedding into the residual stream; its RoPE cos and sin as the C ops read them."""
+        self._h.copy_(self.embed(input_ids))
+        cos, sin = self.rotary(self._h, self.positions[:, pos:pos + 1])
+        return self._ready(cos, cos.numel()), self._ready(sin, sin.numel())
+
     def _step(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
         """One token through the C layer ops; the products and the head are the model's own modules."""
         lib, dt, h, x, a = self._lib, self._dt, self._h, self._x, self._a
         hidden = h.shape[-1]
-        h.copy_(self.embed(input_ids))
-        cos, sin = self.rotary(h, self.positions[:, pos:pos + 1])
-        cos, sin = self._ready(cos, cos.numel()), self._ready(sin, sin.numel())
-        hp, xp, ap, cp, sp = h.data_ptr(), x.data_ptr(), a.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        rope = self._embed_and_rope(input_ids, pos)  # (cos, sin), kept alive while their pointers are used
+        hp, xp, ap, cp, sp = h.data_ptr(), x.data_ptr(), a.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr()
         threads = torch.get_num_threads()
         delta = None
         for ly in self.layers:
@@ -278,5 +336,30 @@ class LeanDecoder:
             lib.tk_swiglu(dt, g, u, ly.inter, m.data_ptr())
             delta = self._ready(ly.down(m), hidden)
         lib.tk_add_rmsnorm(dt, hp, delta.data_ptr(), self.norm_w.data_ptr(), self.norm_eps, hidden, xp)
+        self.length = pos + 1
+        return self.head(x)[:, -1]
+
+    def _step_direct(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """``_step`` for a float32 packed model with every product called directly (``_DirectProduct``): the same
+        kernels on the same buffers in the same order, so the same bits."""
+        lib, dt, h, x, a = self._lib, self._dt, self._h, self._x, self._a
+        hidden, fsize = h.shape[-1], 4  # float32 bytes
+        rope = self._embed_and_rope(input_ids, pos)  # (cos, sin), kept alive while their pointers are used
+        hp, xp, ap, cp, sp = h.data_ptr(), x.data_ptr(), a.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr()
+        threads = torch.get_num_threads()
+        delta = None
+        for ly in self.layers:
+            qkv, o_proj, gate_up, down = ly.products
+            q_size, k_size = ly.qkv_sizes[0], ly.qkv_sizes[1]
+            lib.tk_add_rmsnorm(dt, hp, delta, ly.in_w.data_ptr(), ly.in_eps, hidden, xp)
+            q = qkv(x, xp, threads)
+            lib.tk_attn_decode(ly.desc_addr, q, q + q_size * fsize, q + (q_size + k_size) * fsize, cp, sp, pos, ap,
+                               threads)
+            lib.tk_add_rmsnorm(dt, hp, o_proj(a, ap, threads), ly.post_w.data_ptr(), ly.post_eps, hidden, xp)
+            g = gate_up(x, xp, threads)
+            m = self._m[..., :ly.inter]
+            lib.tk_swiglu(dt, g, g + ly.inter * fsize, ly.inter, m.data_ptr())
+            delta = down(m, m.data_ptr(), threads)
+        lib.tk_add_rmsnorm(dt, hp, delta, self.norm_w.data_ptr(), self.norm_eps, hidden, xp)
         self.length = pos + 1
         return self.head(x)[:, -1]

@@ -578,6 +578,32 @@ def test_lean_loop_packed_equals_integer_twin_every_step(fast, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+def test_lean_loop_direct_products_equal_module_calls(tmp_path):
+    # The one-token path calls a float32 packed model's products straight through their prepared kernels: the same
+    # bits as through the modules, at every step, SubLN products included.
+    from cpu_ref.decoder import LeanDecoder
+
+    transformers = pytest.importorskip("transformers")
+    from bitdistill.convert import convert_to_bitnet
+
+    torch.manual_seed(11)
+    student = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**FAST), dtype=torch.float32)
+    convert_to_bitnet(student.eval(), subln=True, quantize=True, backend="torch")
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("subln.weight"):
+                p.uniform_(0.5, 1.5)
+    save_packed(student, tmp_path)
+    packed = load_packed(tmp_path)
+    direct, modules = LeanDecoder(packed, 30), LeanDecoder(packed, 30, direct=False)
+    assert direct.direct and not modules.direct and modules.fast
+    tokens = torch.randint(0, FAST["vocab_size"], (1, 30), generator=torch.Generator().manual_seed(6))
+    for a, b in zip(_lean_steps(direct, tokens, 9), _lean_steps(modules, tokens, 9)):
+        assert torch.equal(a, b)
+    # Not a float32 packed model: module calls.
+    assert not LeanDecoder(student, 8).direct
+
+
 def test_lean_loop_unsupported_model_falls_back_to_hf():
     from cpu_ref.decoder import LeanDecoder, UnsupportedModelError, unsupported_reason
 
