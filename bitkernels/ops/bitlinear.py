@@ -116,7 +116,9 @@ def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, n
         g2 = g2.contiguous()
     if x is not None:
         if rstd is None or rstd.numel() != x.numel() // max(x.shape[-1], 1):
-            raise ValueError(f"a backward from the saved input x needs the forward's 1/rms (rstd), one per row; got {None if rstd is None else tuple(rstd.shape)} for x {tuple(x.shape)}")
+            got = None if rstd is None else tuple(rstd.shape)
+            raise ValueError(f"a backward from the saved input x needs the forward's 1/rms (rstd), one per row; "
+                             f"got {got} for x {tuple(x.shape)}")
         x = as_rows(x)
     grad_x = grad_w = grad_b = grad_nw = x_deq = None
     if grad_input:
@@ -132,9 +134,11 @@ def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, n
                 grad_x, grad_nw = rmsnorm_backward(grad_h, source, norm_weight, rstd, code_scale, x_dtype)
         del grad_h
     if grad_weight:
-        if x_deq is None and x is not None:  # the codes rebuilt from x by the forward's own pass
-            x_deq = rmsnorm_quantize_int8_forward(x, norm_weight, norm_eps, act_eps, dequantize=True,
-                                                  out_dtype=g2.dtype)[0]
+        if x_deq is None and x is not None:
+            # Only W's gradient asked (x and the norm weight frozen: rare). The same pass with a zero upstream
+            # gradient rebuilds the codes from the forward's own 1/rms: bit for bit, where re-running the forward's
+            # pass would recompute 1/rms, on a GPU possibly an ulp apart.
+            x_deq = rmsnorm_backward_and_dequantize(torch.zeros_like(x), x, norm_weight, rstd, act_eps, g2.dtype)[2]
         elif x_deq is None:
             x_deq = dequantize_int8(codes, a_scale, g2.dtype)
         grad_w = bitlinear_grad_weight(g2, x_deq, weight_dtype)
