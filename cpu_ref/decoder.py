@@ -167,16 +167,12 @@ class _DirectProduct:
 def _direct_product(module) -> "_DirectProduct | None":
     """The direct call of a packed product (a stacked FusedProduct or a PackedBitLinear), else None."""
     from .model import PackedBitLinear
-    from .ops import PreparedBitLinear
 
     if isinstance(module, FusedProduct):
         return _DirectProduct(module.prepared, module.parts[0].in_features, module.n_threads) \
             if module.kind == "packed" else None
-    if type(module) is PackedBitLinear:  # a snapshot of its buffers: the decoder is built per generation
-        b = module._buffers
-        prepared = PreparedBitLinear(b["qweight"], b["weight_scale"], module.in_features, b["bias"],
-                                     b["subln_weight"], module.subln_eps)
-        return _DirectProduct(prepared, module.in_features, module.n_threads)
+    if type(module) is PackedBitLinear:  # its buffers as they are now: the decoder is built per generation
+        return _DirectProduct(module.prepared(), module.in_features, module.n_threads)
     return None
 
 

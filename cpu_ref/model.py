@@ -78,15 +78,20 @@ class PackedBitLinear(nn.Module):
                    None if layer.subln is None else layer.subln.weight, 1e-6 if layer.subln is None else layer.subln.eps,
                    n_threads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal in_features={self.in_features}")
+    def prepared(self) -> "ops.PreparedBitLinear":
+        """The kernel call of the current buffers, (re)built whenever a buffer was replaced
+        (load_state_dict(assign=True), .to(), fuse_projections)."""
         b = self._buffers  # direct dict access: nn.Module.__getattr__ is slow on the per-token path
         prep = self._prepared
         if prep is None or not prep.holds(b["qweight"], b["weight_scale"], b["bias"], b["subln_weight"]):
-            # (Re)built whenever a buffer was replaced (load_state_dict(assign=True), .to(), fuse_projections).
             prep = self._prepared = ops.PreparedBitLinear(b["qweight"], b["weight_scale"], self.in_features,
                                                           b["bias"], b["subln_weight"], self.subln_eps)
+        return prep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal in_features={self.in_features}")
+        prep = self.prepared()
         dtype = x.dtype
         x32 = x if dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
         # SubLN: the mean square through torch's own ops, exactly as bitkernels.reference.rmsnorm computes it (a C
