@@ -35,9 +35,54 @@ def test_int8_matmul_matches_fp64(device, m, n, k, per_channel, dtype):
     torch.testing.assert_close(out, ref.int8_matmul(a, b, sa, sb, bias, dtype), rtol=TOL[dtype], atol=1e-5)
 
 
-def test_int8_matmul_full_int8_range_is_exact(device):
+def _tma_runs_here(device) -> bool:
+    return device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 5, 16), (37, 29, 96), (70, 40, 160)])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmul_tma_kernel_equals_pointer_kernel(device, m, n, k, per_channel, dtype):
+    # The TMA kernel (zero-filled tiles past M, N, K; persistent programs walking several tiles on the CPU's 2
+    # "SMs") and the pointer kernel share the epilogue: bit-identical outputs, both within TOL of fp64.
+    if not _tma_runs_here(device):
+        pytest.skip("TMA needs sm_90+")
+    a, b = codes(m, k, device=device), codes(n, k, lo=-1, hi=1, device=device)
+    sa = torch.rand(m, device=device) + 0.01
+    sb = torch.rand(n if per_channel else (), device=device) + 0.01
+    bias = torch.randn(n, device=device, dtype=dtype)
+    tma = ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=True)
+    pointer = ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=False)
+    exact = (a.double() @ b.double().t()) * sa.double()[:, None] * sb.double() + bias.double()
+    assert torch.equal(tma, pointer)
+    assert rel(tma, exact) <= TOL[dtype]
+    # a second call of the same key launches the tuned config directly (no autotuner): the same result
+    assert torch.equal(ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=True), tma)
+    assert torch.equal(ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=False), pointer)
+
+
+def test_int8_matmul_tma_needs_aligned_rows(device):
+    from bitkernels.ops.int8_matmul import tma_layout_ok
+
+    a, b = codes(4, 33, device=device), codes(3, 33, lo=-1, hi=1, device=device)
+    one = torch.ones(4, device=device)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ops.int8_matmul(a, b, one, torch.ones((), device=device), tma=True)
+    wide = codes(4, 48, device=device)
+    assert tma_layout_ok(wide) and not tma_layout_ok(wide[:, 1:]) and not tma_layout_ok(wide.t())
+    from bitkernels.ops.int8_matmul import prefer_tma
+
+    assert not prefer_tma(wide[:, 1:33], b[:, :32].contiguous())  # misaligned rows (and on the CPU: no TMA at all)
+    # the automatic choice takes the pointer kernel for such views, with the same result
+    out = ops.int8_matmul(wide[:, 1:33], b[:, :32].contiguous(), one, torch.ones((), device=device),
+                          out_dtype=torch.float32)
+    exact = wide[:, 1:33].double() @ b[:, :32].double().t()
+    assert torch.equal(out.double(), exact)
+
+
+@pytest.mark.parametrize("k", [300, 304])  # 304: a multiple of 16, so the TMA kernel where it runs
+def test_int8_matmul_full_int8_range_is_exact(device, k):
     # -128 * -1 summed over K: the int32 accumulator must not saturate or round (fp32 output, unit scales).
-    k = 300
     a = torch.full((4, k), -128, dtype=torch.int8, device=device)
     b = torch.full((3, k), -1, dtype=torch.int8, device=device)
     one = torch.ones(4, device=device)
@@ -99,8 +144,11 @@ def test_int8_matmul_realistic(device, m, n, k):
     a, b = codes(m, k, device=device), codes(n, k, lo=-1, hi=1, device=device)
     sa, sb = torch.rand(m, device=device) / 127, torch.rand((), device=device)
     out = ops.int8_matmul(a, b, sa, sb, out_dtype=torch.bfloat16)
-    exact = (a.float() @ b.float().t()) * (sa * sb)[:, None]  # fp32 sum of integers < 2**24: exact
+    exact = (a.double() @ b.double().t()) * (sa.double() * sb.double())[:, None]
     assert rel(out, exact) <= 4e-3
+    if k % 16 == 0 and _tma_runs_here(device):  # both kernels, whichever the automatic choice: the same bits
+        for tma in (True, False):
+            assert torch.equal(out, ops.int8_matmul(a, b, sa, sb, out_dtype=torch.bfloat16, tma=tma))
     dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     gx = ops.bitlinear_grad_input(dy, b, sb)
     assert rel(gx, dy.float() @ (b.float() * sb).bfloat16().float()) <= 8e-3

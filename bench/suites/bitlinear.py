@@ -3,7 +3,8 @@
 Rows: the linear shapes of Qwen3-0.6B / 1.7B / 4B (hidden -> intermediate, and 4B's down_proj) at 8192 and 2048
 tokens, bf16 activations and weights; fwd+bwd (a training step of the layer, weight quantized every call as after an
 optimizer step) and forward only. Implementations:
-    ours               bitkernels.ops.bitlinear: int8 tensor-core forward, cuBLAS backward on dequantized codes; keeps x alone
+    ours               bitkernels.ops.bitlinear: int8 tensor-core forward (TMA kernel on Hopper), cuBLAS backward on
+                       dequantized codes; keeps x alone
                        (exact SubLN gradients); the SubLN backward rebuilds the int8 codes from the same read of x
     ours_save_codes    the same keeping only the int8 codes (save_input=False: approximate SubLN gradients)
     ours_cached_w      forward only, ternary codes cached (eval / gradient-accumulation micro-steps)
@@ -17,6 +18,7 @@ optimizer step) and forward only. Implementations:
     floor_bf16_3gemm   the three cuBLAS bf16 GEMMs of the step (fwd, grad_x, grad_W) and nothing else
     cublas_linear      forward only: F.linear in bf16 alone (no norm)
     int8_gemm_only     the forward int8 GEMM alone (codes already made)
+    int8_gemm_pointer  the same on the pointer kernel (the path of pre-Hopper GPUs and unaligned operands)
     part_*             the pieces of `ours` fwd+bwd timed alone: where its time goes
 notes: saved_MiB_* = device memory held for backward after the forward (minus the output; the input counted when it
 is saved; newly made weight copies such as the ternary codes counted too), per implementation.
@@ -208,11 +210,13 @@ def cases(device: torch.device, quick: bool):
                 "cublas_linear": lambda xd=xd, wd=wd: F.linear(xd, wd),
                 **{name: fwds[name] for name in ("plain_eager", "plain_compile", "ref_eager", "ref_compile")},
                 "int8_gemm_only": lambda c=codes, s=a_scale, wc=w_codes, ws=w_scale: ops.int8_matmul(c, wc, s, ws),
+                "int8_gemm_pointer": lambda c=codes, s=a_scale, wc=w_codes, ws=w_scale: ops.int8_matmul(
+                    c, wc, s, ws, tma=False),
             }
             yield Case("bitlinear", "fwd", shape, impls, flops=2 * tokens * k * n)
     if device.type == "cuda":  # which autotuned tile each GEMM picked, per (M bucket, N, K, ...) key
         import importlib
 
         mm = importlib.import_module("bitkernels.ops.int8_matmul")  # the module, not ops.int8_matmul the function
-        for key, cfg in mm._int8_matmul_kernel.cache.items():
-            print(f"autotune _int8_matmul_kernel {key}: {cfg}", flush=True)
+        for key, cfg in mm._TUNED.items():  # (tma, M bucket, N, K, per_channel, bias, bias dtype, out dtype, device)
+            print(f"autotune int8_matmul {key}: {cfg}", flush=True)

@@ -2,8 +2,10 @@
 
 ``int8_matmul`` multiplies int8 activation codes [M, K] by int8 ternary weight codes [N, K] on the integer tensor
 cores (int32 accumulation, exact for K < 2**17) and applies the per-token scale, the weight scale (per tensor or per
-output channel) and the bias in the epilogue: one rounding to the output dtype, no int32 tensor in HBM. The backward
-GEMMs (float gradients times dequantized codes) run on cuBLAS: see ``ops.bitlinear``.
+output channel) and the bias in the epilogue: one rounding to the output dtype, no int32 tensor in HBM. Two kernels
+share that epilogue (same bits): on Hopper+ a persistent kernel fed by TMA descriptors (``prefer_tma`` picks it for
+aligned operands and large enough GEMMs), elsewhere a pointer-arithmetic one. The backward GEMMs (float gradients
+times dequantized codes) run on cuBLAS: see ``ops.bitlinear``.
 """
 from __future__ import annotations
 
@@ -12,24 +14,51 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreter_enabled
-from ._common import AUTOTUNE, cast_to, on_device
+from ._common import AUTOTUNE, cast_to, device_info, on_device
+
+try:  # host-side TMA descriptors (Triton >= 3.4); without them every GPU takes the pointer kernel
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the Triton version
+    TensorDescriptor = None
 
 
-def _configs(hopper_like: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+def _configs(hopper_like: list[tuple], interpreter_config: dict, pre_hook=None) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PERSISTENT]) tuples."""
     if triton_interpreter_enabled():  # the interpreter runs every config it is given: one small one keeps CPU tests fast
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in hopper_like]
-    return configs if AUTOTUNE else configs[:1]  # the first is the untuned default (fits Hopper and Ampere)
+        return [triton.Config(interpreter_config, num_warps=4, num_stages=1, pre_hook=pre_hook)]
+    configs = []
+    for bm, bn, bk, warps, stages, *persistent in hopper_like:
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        if persistent:
+            meta["PERSISTENT"] = persistent[0]
+        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=pre_hook))
+    return configs if AUTOTUNE else configs[:1]  # the first is the untuned default
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper: 128x256 / 256x128 tiles with 8 warps (two warpgroups
-# of wgmma) and 3-4 stages fit its 227 KB of shared memory; 128x128 and 64-row tiles for small M or N and for Ampere
-# (whose 164 KB rejects the deepest int8 configs at compile time, which the autotuner skips).
-_INT8_CONFIGS = _configs([
+# Pointer kernel (any GPU, any strides). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x256 / 256x128 tiles
+# with 8 warps (two warpgroups of wgmma) and 3-4 stages fit Hopper's 227 KB of shared memory; 128x128 and 64-row
+# tiles for small M or N and for Ampere (whose 164 KB rejects the deepest configs at compile time, which the
+# autotuner skips). The first fits both.
+_POINTER_CONFIGS = _configs([
     (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
     (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4),
-])
+], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+def _set_block_shapes(nargs):
+    # The descriptors' tile shapes are the config's: set per config before each launch (autotuner pre-hook).
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT): the 8 best of a 38-variant
+# sweep on the H100 (2026-11-23, bench/notes/bitlinear.md "v6"): persistent 256x128 / 128x256 tiles 4 stages deep
+# were within 5% of the best at the large shapes; 128x128x256 and one tile per program for long K at small M.
+_TMA_CONFIGS = _configs([
+    (256, 128, 128, 8, 4, True), (128, 256, 128, 8, 4, True), (128, 256, 128, 8, 3, True),
+    (256, 128, 128, 8, 3, True), (128, 128, 256, 8, 3, True), (128, 256, 128, 8, 4, False),
+    (256, 128, 128, 8, 4, False), (128, 128, 256, 8, 3, False),
+], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}, _set_block_shapes)
 
 
 def _bucket(m: int) -> int:
@@ -38,24 +67,41 @@ def _bucket(m: int) -> int:
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_ids(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped ordering: GROUP_M row-tiles share each column tile while it is in L2.
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
+    first_m = (tile_id // group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % group) % group_m, (pid % group) // group_m
+    return first_m + (tile_id % group) % group_m, (tile_id % group) // group_m
 
 
-@triton.autotune(configs=_INT8_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
+@triton.jit
+def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # int32 -> fp32 (exact below 2**24, i.e. |sum| < 127 * K for K < 132k), both scales, bias, one rounding.
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    if PER_CHANNEL:
+        b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    else:
+        y = acc.to(tl.float32) * (a_scale * tl.load(b_scale_ptr))[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    tl.store(c_ptrs, cast_to(y, c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=_POINTER_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
 @triton.jit
 def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_KEY,
                         stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                         PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -73,25 +119,89 @@ def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    # Epilogue: int32 -> fp32 (exact below 2**24, i.e. |sum| < 127 * K for K < 132k), both scales, bias, one rounding.
-    a_scale = tl.load(a_scale_ptr + rm)
-    if PER_CHANNEL:
-        b_scale = tl.load(b_scale_ptr + rn)
-        y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    else:
-        y = acc.to(tl.float32) * (a_scale * tl.load(b_scale_ptr))[:, None]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, cast_to(y, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                     PER_CHANNEL, HAS_BIAS)
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
+@triton.jit
+def _int8_matmul_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_KEY,
+                            stride_cm, stride_cn, NUM_SMS: tl.constexpr,
+                            PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. A
+    # persistent grid (one program per SM walking tiles) with the tile and K loops flattened lets the next tile's
+    # loads overlap this tile's epilogue; on the H100 that was 5-13% faster than the pointer kernel.
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        step = NUM_SMS
+    else:  # one tile per program
+        step = num_tiles
+    for tile_id in tl.range(tl.program_id(0), num_tiles, step, flatten=True):
+        pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            b = b_desc.load([off_n, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, off_m + tl.arange(0, BLOCK_M),
+                         off_n + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
+
+
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _launch_autotuned(kernel, key: tuple, grid, args: tuple, constexprs: dict, hook_args: dict | None = None):
+    """Launch an autotuned kernel; once ``key`` is tuned, launch its chosen config directly. The autotuner's own
+    dispatch (argument dicts, dtype strings, key tuples on every call) cost ~70 us of host time per call on the H100
+    host, as much as the launch itself; ``key`` holds what the autotuner's key holds (M bucket, N, K, flags, dtypes)."""
+    config = _TUNED.get(key)
+    if config is None:
+        kernel[grid](*args, **constexprs)
+        _TUNED[key] = kernel.best_config
+        return
+    if config.pre_hook is not None:
+        config.pre_hook({**(hook_args or {}), **config.kwargs})
+    kernel.fn[grid](*args, **constexprs, **config.all_kwargs())
+
+
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """The copy engine's alignment: 16-byte base and row stride, unit column stride."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """Whether the TMA kernel runs on these operands: Hopper or newer (sm_90+) and TMA-aligned layouts."""
+    return TensorDescriptor is not None and all(
+        t.is_cuda and device_info(t.device).capability[0] >= 9 and tma_layout_ok(t) for t in tensors)
+
+
+# The TMA kernel's GPU time is 7-14% lower (H100), but its host-side descriptors cost ~50 us more per call than the
+# pointer kernel's launch on the H100 host (bench "int8_gemm_only" vs "int8_gemm_pointer" at M=2048, 2026-11-23):
+# it pays where the GEMM's GPU time hides that, ~2**35 multiply-adds (~70 us at 1000 TOP/s) and up. (Not switched
+# on during CUDA-graph capture: the captured call would then take a kernel and tuning key its eager warm-up never
+# tuned, and autotuning inside a capture breaks it.)
+TMA_MIN_MACS = 2 ** 35
+
+
+def prefer_tma(a_codes: torch.Tensor, b_codes: torch.Tensor) -> bool:
+    """The automatic choice of ``int8_matmul``: the TMA kernel where eligible and worth its host cost."""
+    if not tma_eligible(a_codes, b_codes):
+        return False
+    return a_codes.shape[0] * a_codes.shape[1] * b_codes.shape[0] >= TMA_MIN_MACS
 
 
 def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
+                tma: bool | None = None) -> torch.Tensor:
     """``(a_codes @ b_codes^T) * a_scale[:, None] * b_scale + bias`` in ``out_dtype``.
 
     a_codes int8 [M, K] (activation codes), b_codes int8 [N, K] (weight codes, nn.Linear layout), a_scale fp32 [M],
-    b_scale fp32 [] (per tensor) or [N] (per output channel), bias [N] or None.
+    b_scale fp32 [] (per tensor) or [N] (per output channel), bias [N] or None. ``tma``: None lets ``prefer_tma``
+    choose (Hopper+, aligned rows, a GEMM large enough), True/False force one kernel.
     """
     m, k = a_codes.shape
     n = b_codes.shape[0]
@@ -104,10 +214,31 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
     a_scale = a_scale.float().contiguous()
     b_scale = b_scale.float().contiguous()
     per_channel = b_scale.dim() == 1
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    bias_arg = bias if bias is not None else b_scale  # an unused pointer without bias
     with on_device(a_codes):
-        _int8_matmul_kernel[grid](
-            a_codes, b_codes, out, a_scale, b_scale, bias if bias is not None else b_scale, m, n, k, _bucket(m),
-            a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0), out.stride(1),
-            PER_CHANNEL=per_channel, HAS_BIAS=bias is not None)
+        if tma is None:
+            tma = prefer_tma(a_codes, b_codes)
+        elif tma and (TensorDescriptor is None or not (tma_layout_ok(a_codes) and tma_layout_ok(b_codes))):
+            raise ValueError("tma=True needs triton.tools.tensor_descriptor and operands with a unit column stride and "
+                             "16-byte aligned base and rows (K a multiple of 16 for contiguous int8 codes)")
+        key = (tma, _bucket(m), n, k, per_channel, bias is not None, bias_arg.dtype, out_dtype, a_codes.device)
+        constexprs = dict(PER_CHANNEL=per_channel, HAS_BIAS=bias is not None)
+        if tma:
+            sms = device_info(a_codes.device).sm_count
+            descriptors = {"a_desc": TensorDescriptor.from_tensor(a_codes, [1, 16]),  # tile shapes: set per config
+                           "b_desc": TensorDescriptor.from_tensor(b_codes, [1, 16])}
+
+            def grid(meta):
+                tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+                return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+
+            _launch_autotuned(_int8_matmul_tma_kernel, key, grid, (
+                descriptors["a_desc"], descriptors["b_desc"], out, a_scale, b_scale, bias_arg, m, n, k, _bucket(m),
+                out.stride(0), out.stride(1)), dict(NUM_SMS=sms, **constexprs), descriptors)
+        else:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            _launch_autotuned(_int8_matmul_kernel, key, grid, (
+                a_codes, b_codes, out, a_scale, b_scale, bias_arg, m, n, k, _bucket(m),
+                a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0),
+                out.stride(1)), constexprs)
     return out

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..reference.quantization import ACT_EPS
-from ._common import as_rows, cast_to, check_row_length, on_device, row_block, row_tiling
+from ._common import as_rows, cast_to, check_row_length, device_info, on_device, row_block, row_tiling
 from .act_quant import int8_row_scales, store_int8, store_int8_rows
 
 
@@ -206,10 +206,6 @@ DOT_BLOCK, DOT_WARPS = 2048, 8
 TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
 
 
-def _programs(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps):
     dy2 = as_rows(dy)
     m, n = x.shape
@@ -222,7 +218,7 @@ def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dt
     code_scale = code_scale if from_codes else rstd  # an unused pointer when not from codes
     if triton.next_power_of_2(n) <= WHOLE_ROW_MAX:
         block_n, rows, num_warps = row_block(n)
-        rows_per_program = triton.cdiv(triton.cdiv(m, 4 * _programs(x.device)), rows) * rows
+        rows_per_program = triton.cdiv(triton.cdiv(m, 4 * device_info(x.device).sm_count), rows) * rows
         n_programs = triton.cdiv(m, rows_per_program)
         dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
         with on_device(x):
@@ -234,7 +230,7 @@ def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dt
         dot = torch.empty(m, device=x.device, dtype=torch.float32)
         absmax = torch.empty(m, device=x.device, dtype=torch.float32) if write_xq and not from_codes else dot
         col_blocks = triton.cdiv(n, TILE_N)
-        splits = max(1, triton.cdiv(16 * _programs(x.device), col_blocks))
+        splits = max(1, triton.cdiv(16 * device_info(x.device).sm_count, col_blocks))
         rows_per_program = triton.cdiv(triton.cdiv(m, splits), TILE_M) * TILE_M
         splits = triton.cdiv(m, rows_per_program)
         dw_partial = torch.empty((splits, n), device=x.device, dtype=torch.float32)
