@@ -132,7 +132,7 @@ def _int8_matmul_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bia
                             GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
     # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. A
     # persistent grid (one program per SM walking tiles) with the tile and K loops flattened lets the next tile's
-    # loads overlap this tile's epilogue; on the H100 that was 5-13% faster than the pointer kernel.
+    # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel.
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         step = NUM_SMS
@@ -155,9 +155,9 @@ _TUNED: dict[tuple, triton.Config] = {}
 
 
 def _launch_autotuned(kernel, key: tuple, grid, args: tuple, constexprs: dict, hook_args: dict | None = None):
-    """Launch an autotuned kernel; once ``key`` is tuned, launch its chosen config directly. The autotuner's own
-    dispatch (argument dicts, dtype strings, key tuples on every call) cost ~70 us of host time per call on the H100
-    host, as much as the launch itself; ``key`` holds what the autotuner's key holds (M bucket, N, K, flags, dtypes)."""
+    """Launch an autotuned kernel; once ``key`` is tuned, launch its chosen config directly, skipping the autotuner's
+    per-call dispatch (argument dicts, dtype strings, its key): ``int8_matmul``'s host time went from 196 to 175 us on
+    the H100 host. ``key`` holds what the autotuner's key holds (M bucket, N, K, flags, dtypes)."""
     config = _TUNED.get(key)
     if config is None:
         kernel[grid](*args, **constexprs)
