@@ -221,24 +221,25 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
         elif tma and (TensorDescriptor is None or not (tma_layout_ok(a_codes) and tma_layout_ok(b_codes))):
             raise ValueError("tma=True needs triton.tools.tensor_descriptor and operands with a unit column stride and "
                              "16-byte aligned base and rows (K a multiple of 16 for contiguous int8 codes)")
-        key = (tma, _bucket(m), n, k, per_channel, bias is not None, bias_arg.dtype, out_dtype, a_codes.device)
-        constexprs = dict(PER_CHANNEL=per_channel, HAS_BIAS=bias is not None)
+        m_key, has_bias = _bucket(m), bias is not None
+        key = (tma, m_key, n, k, per_channel, has_bias, bias_arg.dtype, out_dtype, a_codes.device)
+        constexprs = dict(PER_CHANNEL=per_channel, HAS_BIAS=has_bias)
         if tma:
             sms = device_info(a_codes.device).sm_count
-            descriptors = {"a_desc": TensorDescriptor.from_tensor(a_codes, [1, 16]),  # tile shapes: set per config
-                           "b_desc": TensorDescriptor.from_tensor(b_codes, [1, 16])}
+            a_desc = TensorDescriptor.from_tensor(a_codes, [1, 16])  # tile shapes: set per config (_set_block_shapes)
+            b_desc = TensorDescriptor.from_tensor(b_codes, [1, 16])
 
             def grid(meta):
                 tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
                 return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
             _launch_autotuned(_int8_matmul_tma_kernel, key, grid, (
-                descriptors["a_desc"], descriptors["b_desc"], out, a_scale, b_scale, bias_arg, m, n, k, _bucket(m),
-                out.stride(0), out.stride(1)), dict(NUM_SMS=sms, **constexprs), descriptors)
+                a_desc, b_desc, out, a_scale, b_scale, bias_arg, m, n, k, m_key, out.stride(0), out.stride(1)),
+                dict(NUM_SMS=sms, **constexprs), dict(a_desc=a_desc, b_desc=b_desc))
         else:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             _launch_autotuned(_int8_matmul_kernel, key, grid, (
-                a_codes, b_codes, out, a_scale, b_scale, bias_arg, m, n, k, _bucket(m),
+                a_codes, b_codes, out, a_scale, b_scale, bias_arg, m, n, k, m_key,
                 a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0),
                 out.stride(1)), constexprs)
     return out
