@@ -1,6 +1,7 @@
 """Triton quantization kernels against the PyTorch reference (interpreter on CPU, realistic shapes on GPU)."""
 import pytest
 import torch
+import triton
 
 import bitkernels as bk
 import bitkernels.reference as ref
@@ -12,6 +13,7 @@ ROW_SHAPES = [
     (1,), (5,), (3, 17), (2, 5, 300), (0, 64), (4, 1), (7, 1000), (2, 3, 4, 33),
     pytest.param((8192, 2048), marks=pytest.mark.gpu),
     pytest.param((4093, 9728), marks=pytest.mark.gpu),
+    pytest.param((64, 14336), marks=pytest.mark.gpu),
     pytest.param((3, 40000), marks=pytest.mark.gpu),
 ]
 WEIGHT_SHAPES = [
@@ -178,22 +180,29 @@ def test_non_contiguous_inputs_are_handled(device):
                                ref.quantize_activations_int8(sliced)[0], rtol=0, atol=0)
 
 
-@pytest.fixture
-def chunked_rows(monkeypatch):
-    """Force the long-row (column-chunked, multi-pass) path of the forward quantizers at small shapes."""
+@pytest.fixture(params=["chunks", "head_and_tail"])
+def long_rows(request, monkeypatch):
+    """Force the long-row paths of the forward quantizers at small shapes: rows walked in column chunks (two or
+    three passes), and rows held as a SINGLE_PASS_MAX-wide head tile plus a tail tile."""
     from bitkernels.ops import _common
 
     monkeypatch.setattr(_common, "SINGLE_PASS_MAX", 16)
     monkeypatch.setattr(_common, "CHUNK", 16)
+    monkeypatch.setattr(_common, "SPLIT_ROW_MAX", 0 if request.param == "chunks" else 16 + 128)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 33), (5, 100), (1, 17), (0, 40)])
-def test_chunked_row_path_matches_reference(shape, dtype, device, chunked_rows):
+@pytest.mark.parametrize("shape", [(3, 33), (5, 100), (1, 17), (0, 40), (4, 144)])
+def test_long_row_paths_match_reference(shape, dtype, device, long_rows):
     from bitkernels.ops._common import row_tiling
 
-    assert row_tiling(shape[-1])[3]
+    tiling = row_tiling(shape[-1])
+    assert tiling.block_n == 16 and tiling.chunked == (long_rows == "chunks")
+    assert tiling.tail == (0 if long_rows == "chunks" else triton.next_power_of_2(shape[-1] - 16))
     x = randn(shape, dtype, device, scale=2.0)
+    if x.numel():  # the absmax in the last columns: the tail tile (or the last chunk) decides the scale
+        x[:, -1] = 40.0
     codes, scale = ops.quantize_activations_int8(x)
     ref_codes, ref_scale = ref.quantize_activations_int8(x)
     torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0)

@@ -7,6 +7,7 @@ the measured copy bandwidth is the fraction of the floor reached.
 from __future__ import annotations
 
 import torch
+import triton
 
 import bitkernels.reference as ref
 from bench.harness import Case
@@ -21,15 +22,28 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _rows_in_registers(fn):
-    """The same op with the long-row chunking switched off, to show what chunking buys at that shape."""
+def _with_tiling(fn, **settings):
+    """The same op under other row-tiling settings of ``_common``, to show what the shipped choice buys there."""
     def run(*args):
-        saved, _common.SINGLE_PASS_MAX = _common.SINGLE_PASS_MAX, _common.MAX_ROW
+        saved = {name: getattr(_common, name) for name in settings}
+        for name, value in settings.items():
+            setattr(_common, name, value)
         try:
             return fn(*args)
         finally:
-            _common.SINGLE_PASS_MAX = saved
+            for name, value in saved.items():
+                setattr(_common, name, value)
     return run
+
+
+def _long_row_variants(fn, x, *args):
+    """Rows past SINGLE_PASS_MAX: the same call chunked (two or three passes over the row) and as one padded
+    register tile, beside the shipped head + tail tiles."""
+    if triton.next_power_of_2(x.shape[-1]) <= _common.SINGLE_PASS_MAX:
+        return {}
+    chunked = _with_tiling(fn, SPLIT_ROW_MAX=0)
+    one_tile = _with_tiling(fn, SINGLE_PASS_MAX=_common.MAX_ROW)
+    return {"ours_chunked": lambda: chunked(x, *args), "ours_rows_in_registers": lambda: one_tile(x, *args)}
 
 
 def _fwd_bwd(fn, x, w, dy):
@@ -52,22 +66,19 @@ def cases(device: torch.device, quick: bool):
             nw = torch.rand(k, device=device, dtype=dtype) + 0.5
             shape = f"{model} M={tokens} K={k}"
             act_bytes = tokens * k * (el + 1) + tokens * 4
-            chunked = _common.row_tiling(k)[3]
             impls = {
                 "ours": lambda x=x: ops.quantize_activations_int8(x),
                 "ref_eager": lambda x=x: ref.quantize_activations_int8(x),
                 "ref_compile": lambda x=x, f=_compiled(ref.quantize_activations_int8): f(x),
             }
-            if chunked:
-                impls["ours_rows_in_registers"] = lambda x=x: _rows_in_registers(ops.quantize_activations_int8)(x)
+            impls.update(_long_row_variants(ops.quantize_activations_int8, x))
             yield Case("quant", "quantize_activations_int8", shape, impls, bytes_moved=act_bytes)
             impls = {
                 "ours": lambda x=x, nw=nw: ops.rmsnorm_quantize_int8(x, nw),
                 "ref_eager": lambda x=x, nw=nw: ref.rmsnorm_quantize_int8(x, nw),
                 "ref_compile": lambda x=x, nw=nw, f=_compiled(ref.rmsnorm_quantize_int8): f(x, nw),
             }
-            if chunked:
-                impls["ours_rows_in_registers"] = lambda x=x, nw=nw: _rows_in_registers(ops.rmsnorm_quantize_int8)(x, nw)
+            impls.update(_long_row_variants(ops.rmsnorm_quantize_int8, x, nw))
             yield Case("quant", "rmsnorm_quantize_int8", shape, impls, bytes_moved=act_bytes + k * el)
             xg = x.clone().requires_grad_()
             nwg = nw.clone().requires_grad_()

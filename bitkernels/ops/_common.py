@@ -8,19 +8,34 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 MAX_ROW = 65536  # kernels that keep a row in registers refuse longer ones (backend='torch' takes them)
 SINGLE_PASS_MAX = 8192  # forward quantizers keep rows up to this padded length in registers, else walk chunks
+# ... or, past it, as a SINGLE_PASS_MAX-wide tile plus a power-of-two tail tile while the two stay within this: 9728
+# columns pad to 10240 instead of 16384. H100, M=8192 bf16 SubLN+quant (2026-11-23), same rounding: 9728 columns 126 us
+# vs 147 us in chunks (three passes) and 251 us as one padded tile; 14336: 191 vs 217; 8 warps (4: 152, 16: 170).
+# With the hardware rounding and both loads ahead of the reductions: 101 and 153 us (bench/notes/bitlinear.md, v7).
+SPLIT_ROW_MAX = 16384
+SPLIT_ROW_WARPS = 8
 CHUNK, CHUNK_WARPS = 2048, 8  # H100 sweep (2026-11-23): 1.13x faster than 4096-wide chunks at 9728 columns
 # Autotuned kernels (GEMMs, attention relation) try each config per new shape key. BITKERNELS_AUTOTUNE=0 takes the
 # first (default) config without timing runs: tests over many random shapes then compile once instead of tuning each.
 AUTOTUNE = os.environ.get("BITKERNELS_AUTOTUNE", "1") != "0"
 
 
+# The interpreter has no libdevice: there the rounding is spelled out in float arithmetic (same bits). On the GPU the
+# spelled-out form cost the SubLN+quant pass at 9728 columns 108 us against 86 us (H100, a 1-D ablation kernel).
+_HARDWARE_RINT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
 @triton.jit
 def round_half_to_even(v):
-    # Matches torch.round bit for bit. Kernels that call it launch with enable_fp_fusion=False: a fused
-    # multiply-subtract would compare the unrounded product against the tie, unlike the reference. The frac/floor arithmetic is exact for |v| < 2**23, far above the 128 we need.
+    # Matches torch.round bit for bit: the GPU's round-to-nearest-even instruction, or its spelled-out equivalent.
+    # Kernels that call it launch with enable_fp_fusion=False: fused into a multiply-subtract, the spelled-out form
+    # would compare the unrounded product against the tie. Its frac/floor arithmetic is exact for |v| < 2**23.
+    if _HARDWARE_RINT:
+        return libdevice.rint(v)
     f = tl.floor(v)
     d = v - f
     f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
@@ -73,12 +88,23 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def row_tiling(n_cols: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, ROWS, num_warps, CHUNKED) for the forward quantizers: whole rows in registers when they fit,
-    else CHUNK-wide column tiles over one row at a time (two or three passes, the later ones served by L2)."""
+class RowTiling(NamedTuple):
+    block_n: int  # columns per register tile (the whole padded row, the head tile, or one chunk)
+    rows: int  # rows per program
+    num_warps: int
+    chunked: bool  # walk the row in block_n-wide chunks (two or three passes, the later ones served by L2)
+    tail: int = 0  # with a head tile of block_n columns, a second tile of this many (0: none)
+
+
+def row_tiling(n_cols: int) -> RowTiling:
+    """Tiling of the forward quantizers: whole rows in registers when they fit (for rows just past SINGLE_PASS_MAX as
+    a head and a tail tile, padding 9728 columns to 10240 instead of 16384), else CHUNK-wide chunks of one row."""
     if triton.next_power_of_2(max(n_cols, 1)) <= SINGLE_PASS_MAX:
-        return (*row_block(n_cols), False)
-    return CHUNK, 1, CHUNK_WARPS, True
+        return RowTiling(*row_block(n_cols), chunked=False)
+    tail = triton.next_power_of_2(n_cols - SINGLE_PASS_MAX)
+    if SINGLE_PASS_MAX + tail <= SPLIT_ROW_MAX:
+        return RowTiling(SINGLE_PASS_MAX, 1, SPLIT_ROW_WARPS, chunked=False, tail=tail)
+    return RowTiling(CHUNK, 1, CHUNK_WARPS, chunked=True)
 
 
 def check_row_length(n_cols: int, name: str = "x") -> None:

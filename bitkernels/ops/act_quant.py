@@ -7,6 +7,7 @@ import triton.language as tl
 
 from ..reference.quantization import ACT_EPS
 from ._common import as_rows, cast_to, on_device, round_half_to_even, row_tiling
+from ._launch import launch
 
 
 @triton.jit
@@ -38,15 +39,27 @@ def store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, 
 @triton.jit
 def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
                                  BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
-                                 DEQUANTIZE: tl.constexpr):
+                                 TAIL: tl.constexpr, DEQUANTIZE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
-    if not CHUNKED:  # the whole row in registers: one read of x
+    if not CHUNKED:  # the whole row in registers (BLOCK_N columns, plus TAIL more): one read of x
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
+        if TAIL > 0:  # both loads before any reduction: a load issued after one waits out its barrier
+            tail_cols = BLOCK_N + tl.arange(0, TAIL)
+            tail_mask = row_mask[:, None] & (tail_cols[None, :] < n_cols)
+            x_tail = tl.load(x_ptr + rows[:, None] * stride_x + tail_cols[None, :], mask=tail_mask,
+                             other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=1)
+        if TAIL > 0:
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x_tail), axis=1))
+        absmax = tl.maximum(absmax, eps)
         store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+        if TAIL > 0:
+            inv, scale = int8_row_scales(absmax)
+            store_int8(out_ptr + rows[:, None] * stride_out + tail_cols[None, :], x_tail, inv, scale, tail_mask,
+                       DEQUANTIZE)
     else:  # long rows: absmax pass, then a quantizing pass whose re-read of the row is served by L2
         absmax = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
@@ -69,12 +82,12 @@ def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
     out = torch.empty(x2.shape, device=x.device, dtype=x.dtype if dequantize else torch.int8)
     scale = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        block_n, rows, num_warps, chunked = row_tiling(n)
+        tiling = row_tiling(n)
         with on_device(x):
-            _quantize_activations_kernel[(triton.cdiv(m, rows),)](
-                x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
-                BLOCK_N=block_n, ROWS=rows, CHUNKED=chunked, DEQUANTIZE=dequantize, num_warps=num_warps,
-                enable_fp_fusion=False)
+            launch(_quantize_activations_kernel, (triton.cdiv(m, tiling.rows),),
+                   x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
+                   BLOCK_N=tiling.block_n, ROWS=tiling.rows, CHUNKED=tiling.chunked, TAIL=tiling.tail,
+                   DEQUANTIZE=dequantize, num_warps=tiling.num_warps, enable_fp_fusion=False)
     return out.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
