@@ -41,7 +41,7 @@ def _tma_runs_here(device) -> bool:
 
 @pytest.mark.parametrize("m,n,k", [(1, 5, 16), (37, 29, 96), (70, 40, 160)])
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_int8_matmul_tma_kernel_equals_pointer_kernel(device, m, n, k, per_channel, dtype):
     # The TMA kernel (zero-filled tiles past M, N, K; persistent programs walking several tiles on the CPU's 2
     # "SMs") and the pointer kernel share the epilogue: bit-identical outputs, both within TOL of fp64.
@@ -59,6 +59,27 @@ def test_int8_matmul_tma_kernel_equals_pointer_kernel(device, m, n, k, per_chann
     # a second call of the same key launches the tuned config directly (no autotuner): the same result
     assert torch.equal(ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=True), tma)
     assert torch.equal(ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=False), pointer)
+
+
+def test_int8_matmul_tma_takes_16_bit_outputs_only(device):
+    from bitkernels.ops.int8_matmul import tma_output_ok
+
+    assert tma_output_ok(torch.bfloat16) and tma_output_ok(torch.float16) and not tma_output_ok(torch.float32)
+    a, b = codes(4, 32, device=device), codes(3, 32, lo=-1, hi=1, device=device)
+    with pytest.raises(ValueError, match="16-bit out_dtype"):
+        ops.int8_matmul(a, b, torch.ones(4, device=device), torch.ones((), device=device), out_dtype=torch.float32,
+                        tma=True)
+
+
+@pytest.mark.gpu
+def test_int8_matmul_float32_output_at_a_tma_sized_gemm():
+    # The automatic choice must not hand a float32 output to the TMA kernel (its configs do not fit in shared memory).
+    m, n, k = 8192, 2048, 2048
+    a, b = codes(m, k, device="cuda"), codes(n, k, lo=-1, hi=1, device="cuda")
+    sa, sb = torch.rand(m, device="cuda") + 0.01, torch.rand((), device="cuda") + 0.01
+    out = ops.int8_matmul(a, b, sa, sb, out_dtype=torch.float32)
+    exact = (a.double() @ b.double().t()) * sa.double()[:, None] * sb.double()
+    assert rel(out, exact) <= TOL[torch.float32]
 
 
 def test_int8_matmul_tma_needs_aligned_rows(device):

@@ -25,6 +25,17 @@ def test_specialization_key_separates_what_triton_specializes_on():
         spec(object())
 
 
+def test_specialization_key_of_tma_descriptors():
+    tensor_descriptor = pytest.importorskip("triton.tools.tensor_descriptor")
+    spec, make = _launch._specialization, tensor_descriptor.TensorDescriptor.from_tensor
+    codes = torch.zeros(64, 64, dtype=torch.int8)
+    base = spec(make(codes, [16, 32]))
+    assert base == spec(make(torch.ones(64, 64, dtype=torch.int8), [16, 32]))  # other data, same class
+    assert base != spec(make(codes, [32, 32]))  # the block shape (set per autotuned config)
+    assert base != spec(make(codes.view(torch.uint8), [16, 32]))  # the base's dtype
+    assert base != spec(make(torch.zeros(40, 64, dtype=torch.int8), [16, 32]))  # a row count off the 16 grid
+
+
 def test_constexpr_tail_needs_runtime_args_positional_and_constexprs_by_keyword():
     kernel = JITFunction(_signature)
     assert _launch._constexpr_tail(kernel, 3, dict(BLOCK=4, FLAG=True, num_warps=4)) == (4, True)
@@ -55,3 +66,37 @@ def test_direct_launches_give_tritons_results(monkeypatch):
         ref_codes, ref_scale = ref.quantize_activations_int8(x)
         assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), offset
     assert hits == [False, False, True, True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_direct_launches_of_the_tma_gemm(monkeypatch, out_dtype):
+    """The TMA GEMM's host descriptors take the direct path too: after the autotuned first call and Triton's first
+    launch of the tuned config, later calls hit the cache and give the pointer kernel's bits."""
+    from bitkernels import ops
+    from bitkernels.ops.int8_matmul import _int8_matmul_tma_kernel
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    hits = []
+
+    class CountingCache(dict):  # counts the TMA kernel's lookups only (the pointer kernel checks the results)
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            if key[0] is _int8_matmul_tma_kernel.fn:
+                hits.append(value is not None)
+            return value
+
+    monkeypatch.setattr(_launch, "_compiled", CountingCache())
+    m, n, k = 300, 200, 192
+    for seed in range(4):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8, generator=gen)
+        b = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8, generator=gen)
+        sa = torch.rand(m, device="cuda", generator=gen) + 0.01
+        sb = torch.rand((), device="cuda", generator=gen) + 0.01
+        out = ops.int8_matmul(a, b, sa, sb, out_dtype=out_dtype, tma=True)
+        assert torch.equal(out, ops.int8_matmul(a, b, sa, sb, out_dtype=out_dtype, tma=False))  # shared epilogue
+        exact = (a.double() @ b.double().t()) * sa.double()[:, None] * sb.double()
+        assert ((out.double() - exact).norm() / exact.norm()).item() < 8e-3
+    assert len(hits) >= 3 and not hits[0] and all(hits[1:]), hits

@@ -232,6 +232,22 @@ def rmsnorm_backward_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 100), (64, 32), (150, 70),
+                                   pytest.param((528, 2048), marks=pytest.mark.gpu)])
+def test_rmsnorm_dw_partials_sum(shape, dtype, device):
+    """The RMSNorm backward's final column sum of per-program dw rows: partial counts past one block (150 > 64),
+    ragged columns, rounded once to the norm weight's dtype."""
+    from bitkernels.ops.rmsnorm_quant import _sum_dw_partials
+
+    partial = randn(shape, torch.float32, device)
+    dw = _sum_dw_partials(partial, dtype)
+    assert dw.dtype == dtype and dw.shape == shape[-1:]
+    # fp32 summation in another order than fp64's, then one rounding: within a unit of the output dtype.
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(dw.double(), partial.double().sum(0).to(dtype).double(), rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 17), (37, 300), (0, 64), (1, 1000),
                                    pytest.param((8192, 2560), marks=pytest.mark.gpu),
                                    pytest.param((2048, 9728), marks=pytest.mark.gpu)])

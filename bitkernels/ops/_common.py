@@ -61,6 +61,17 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions whose
+    wrapper costs ~2 us a call here: a BitLinear step's launchers made ~17 such calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (0 for 0), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 class DeviceInfo(NamedTuple):
     sm_count: int
     capability: tuple[int, int]
@@ -99,9 +110,9 @@ class RowTiling(NamedTuple):
 def row_tiling(n_cols: int) -> RowTiling:
     """Tiling of the forward quantizers: whole rows in registers when they fit (for rows just past SINGLE_PASS_MAX as
     a head and a tail tile, padding 9728 columns to 10240 instead of 16384), else CHUNK-wide chunks of one row."""
-    if triton.next_power_of_2(max(n_cols, 1)) <= SINGLE_PASS_MAX:
+    if next_power_of_2(max(n_cols, 1)) <= SINGLE_PASS_MAX:
         return RowTiling(*row_block(n_cols), chunked=False)
-    tail = triton.next_power_of_2(n_cols - SINGLE_PASS_MAX)
+    tail = next_power_of_2(n_cols - SINGLE_PASS_MAX)
     if SINGLE_PASS_MAX + tail <= SPLIT_ROW_MAX:
         return RowTiling(SINGLE_PASS_MAX, 1, SPLIT_ROW_WARPS, chunked=False, tail=tail)
     return RowTiling(CHUNK, 1, CHUNK_WARPS, chunked=True)
@@ -117,7 +128,7 @@ def check_row_length(n_cols: int, name: str = "x") -> None:
 def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:
     """(BLOCK_N, ROWS per program, num_warps) for row-wise kernels that keep whole rows in registers."""
     check_row_length(n_cols, name)
-    block_n = triton.next_power_of_2(max(n_cols, 1))
+    block_n = next_power_of_2(max(n_cols, 1))
     rows = max(1, min(16, 4096 // block_n))  # short rows: several per program so each moves >= 4K elements
     # ~32 elements per thread: on the H100 these memory-bound row kernels ran 1.2-3.5x faster than at 8 per thread
     # (fewer, busier warps: more loads in flight per thread, cheaper row reductions; sweep of 2026-11-23)

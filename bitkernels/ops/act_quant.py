@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ..reference.quantization import ACT_EPS
-from ._common import as_rows, cast_to, on_device, round_half_to_even, row_tiling
+from ._common import as_rows, cast_to, cdiv, on_device, round_half_to_even, row_tiling
 from ._launch import launch
 
 
@@ -84,7 +84,7 @@ def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
     if m > 0:
         tiling = row_tiling(n)
         with on_device(x):
-            launch(_quantize_activations_kernel, (triton.cdiv(m, tiling.rows),),
+            launch(_quantize_activations_kernel, (cdiv(m, tiling.rows),),
                    x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
                    BLOCK_N=tiling.block_n, ROWS=tiling.rows, CHUNKED=tiling.chunked, TAIL=tiling.tail,
                    DEQUANTIZE=dequantize, num_warps=tiling.num_warps, enable_fp_fusion=False)

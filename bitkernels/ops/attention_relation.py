@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..backend import triton_interpreter_enabled
 from ..reference.attention_relation import as_tokens_by_features
-from ._common import AUTOTUNE, cast_to, on_device
+from ._common import AUTOTUNE, cast_to, cdiv, next_power_of_2, on_device
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -275,7 +275,7 @@ def _dot_precision(t: torch.Tensor) -> str:
 
 
 def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+    return max(16, next_power_of_2(d))  # tl.dot needs K >= 16
 
 
 def _launch_meta(a_teacher, a_student, num_relation_heads):
@@ -313,12 +313,12 @@ def attention_relation_forward(teachers, students, num_relation_heads, mask, cau
     if kl_rows.numel() == 0:
         return kl_rows, lse_t, lse_s
     meta, d_t, d_s = _launch_meta(t0, s0, num_relation_heads)
-    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads, num_rel)  # noqa: E731
+    grid = lambda m: (cdiv(length, m["BLOCK_M"]), batch * num_relation_heads, num_rel)  # noqa: E731
     with on_device(s0):
         _attention_relation_fwd_kernel[grid](
             *_three(teachers), *_three(students), mask if mask is not None else kl_rows, kl_rows, lse_t, lse_s,
             t0.stride(0), t0.stride(1), s0.stride(0), s0.stride(1), mask.stride(0) if mask is not None else 0,
-            length, triton.next_power_of_2(length), num_relation_heads,
+            length, next_power_of_2(length), num_relation_heads,
             LOG2E / math.sqrt(d_t), LOG2E / math.sqrt(d_s),
             HAS_MASK=mask is not None, CAUSAL=causal, **meta,
         )
@@ -334,13 +334,13 @@ def attention_relation_backward(teachers, students, num_relation_heads, mask, ca
     if grad.numel() == 0:
         return grad
     meta, d_t, d_s = _launch_meta(t0, s0, num_relation_heads)
-    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * num_relation_heads, num_rel)  # noqa: E731
+    grid = lambda m: (cdiv(length, m["BLOCK_M"]), batch * num_relation_heads, num_rel)  # noqa: E731
     with on_device(s0):
         _attention_relation_bwd_kernel[grid](
             *_three(teachers), *_three(students), mask if mask is not None else lse_t, lse_t, lse_s, coef, grad,
             t0.stride(0), t0.stride(1), s0.stride(0), s0.stride(1), mask.stride(0) if mask is not None else 0,
             grad.stride(0), grad.stride(1), grad.stride(2),
-            length, triton.next_power_of_2(length), num_relation_heads,
+            length, next_power_of_2(length), num_relation_heads,
             LOG2E / math.sqrt(d_t), LOG2E / math.sqrt(d_s), 1.0 / math.sqrt(d_s),
             HAS_MASK=mask is not None, CAUSAL=causal, **meta,
         )

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, on_device
+from ._common import cast_to, cdiv, on_device
 from ._launch import launch
 
 BLOCK_M, BLOCK_N = 16, 512  # 8K elements per program: enough bytes in flight for a memory-bound pass
@@ -45,7 +45,7 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     out = torch.empty((m, k), device=codes.device, dtype=dtype)
     if out.numel():
         with on_device(codes):
-            launch(_dequantize_int8_kernel, (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_N)),
+            launch(_dequantize_int8_kernel, (cdiv(m, BLOCK_M), cdiv(k, BLOCK_N)),
                    codes, scale, out, m, k, codes.stride(0), out.stride(0),
                    PER_ROW=per_row, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
     return out

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, on_device
+from ._common import as_rows, next_power_of_2, on_device
 
 MAX_BLOCK_V = 4096
 DEFAULT_CHUNK_ELEMENTS = 1 << 27  # logits per chunk buffer: 128M elements = 256 MB in bf16 (x2 for the teacher)
@@ -30,7 +30,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 27  # logits per chunk buffer: 128M elements = 256
 
 def _block_v(n_cols: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the row kernels: the row is walked in BLOCK_V-wide tiles."""
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(max(n_cols, 16)))
+    block = min(MAX_BLOCK_V, next_power_of_2(max(n_cols, 16)))
     return block, max(1, min(8, block // 512))
 
 

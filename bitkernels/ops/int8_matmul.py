@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreter_enabled
-from ._common import AUTOTUNE, cast_to, device_info, on_device
+from ._common import AUTOTUNE, cast_to, cdiv, device_info, next_power_of_2, on_device
 from ._launch import launch
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them every GPU takes the pointer kernel
@@ -52,19 +52,20 @@ def _set_block_shapes(nargs):
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT): the 8 best of a 38-variant
-# sweep on the H100 (2026-11-23, bench/notes/bitlinear.md "v6"): persistent 256x128 / 128x256 tiles 4 stages deep
-# were within 5% of the best at the large shapes; 128x128x256 and one tile per program for long K at small M.
+# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT), from a 38-variant sweep on
+# the H100 (2026-11-23, bench/notes/bitlinear.md "v6"). Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K bytes of
+# operand tiles plus the output tile staged for the epilogue's stores, which does not reuse the pipeline's buffers
+# here: 4-stage 256x128 tiles need 262176 bytes with a 16-bit output (H100 limit 232448), so only these fit. The
+# first is the untuned default (BITKERNELS_AUTOTUNE=0): it must fit. A float32 output fits none (tma_output_ok).
 _TMA_CONFIGS = _configs([
-    (256, 128, 128, 8, 4, True), (128, 256, 128, 8, 4, True), (128, 256, 128, 8, 3, True),
-    (256, 128, 128, 8, 3, True), (128, 128, 256, 8, 3, True), (128, 256, 128, 8, 4, False),
-    (256, 128, 128, 8, 4, False), (128, 128, 256, 8, 3, False),
+    (128, 256, 128, 8, 3, True), (256, 128, 128, 8, 3, True), (128, 128, 256, 8, 3, True),
+    (128, 128, 256, 8, 3, False),
 ], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}, _set_block_shapes)
 
 
 def _bucket(m: int) -> int:
     """Autotuning key for M: the next power of two, so a new batch size reuses its bucket's tuning."""
-    return triton.next_power_of_2(max(m, 1))
+    return next_power_of_2(max(m, 1))
 
 
 @triton.jit
@@ -189,9 +190,16 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
 TMA_MIN_MACS = 2 ** 35
 
 
-def prefer_tma(a_codes: torch.Tensor, b_codes: torch.Tensor) -> bool:
+def tma_output_ok(out_dtype: torch.dtype) -> bool:
+    """16-bit outputs only: a float32 output tile staged beside the TMA configs' pipelines needs more shared memory
+    than Hopper has (measured 327712 bytes of 232448 at 256x128x128 x 4 stages; by the count above, over 262000 at
+    every config here); float32 takes the pointer kernel."""
+    return out_dtype.itemsize <= 2
+
+
+def prefer_tma(a_codes: torch.Tensor, b_codes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> bool:
     """The automatic choice of ``int8_matmul``: the TMA kernel where eligible and worth its host cost."""
-    if not tma_eligible(a_codes, b_codes):
+    if not (tma_output_ok(out_dtype) and tma_eligible(a_codes, b_codes)):
         return False
     return a_codes.shape[0] * a_codes.shape[1] * b_codes.shape[0] >= TMA_MIN_MACS
 
@@ -203,7 +211,7 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
 
     a_codes int8 [M, K] (activation codes), b_codes int8 [N, K] (weight codes, nn.Linear layout), a_scale fp32 [M],
     b_scale fp32 [] (per tensor) or [N] (per output channel), bias [N] or None. ``tma``: None lets ``prefer_tma``
-    choose (Hopper+, aligned rows, a GEMM large enough), True/False force one kernel.
+    choose (Hopper+, aligned rows, a 16-bit output, a GEMM large enough), True/False force one kernel.
     """
     m, k = a_codes.shape
     n = b_codes.shape[0]
@@ -219,10 +227,13 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
     bias_arg = bias if bias is not None else b_scale  # an unused pointer without bias
     with on_device(a_codes):
         if tma is None:
-            tma = prefer_tma(a_codes, b_codes)
+            tma = prefer_tma(a_codes, b_codes, out_dtype)
         elif tma and (TensorDescriptor is None or not (tma_layout_ok(a_codes) and tma_layout_ok(b_codes))):
             raise ValueError("tma=True needs triton.tools.tensor_descriptor and operands with a unit column stride and "
                              "16-byte aligned base and rows (K a multiple of 16 for contiguous int8 codes)")
+        elif tma and not tma_output_ok(out_dtype):
+            raise ValueError(f"tma=True needs a 16-bit out_dtype (float16 or bfloat16), got {out_dtype}: the TMA "
+                             "kernel's shared memory has no room for a float32 output tile; use tma=False or None")
         m_key, has_bias = _bucket(m), bias is not None
         key = (tma, m_key, n, k, per_channel, has_bias, bias_arg.dtype, out_dtype, a_codes.device)
         constexprs = dict(PER_CHANNEL=per_channel, HAS_BIAS=has_bias)
@@ -232,14 +243,14 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
             b_desc = TensorDescriptor.from_tensor(b_codes, [1, 16])
 
             def grid(meta):
-                tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+                tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
                 return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
             _launch_autotuned(_int8_matmul_tma_kernel, key, grid, (
                 a_desc, b_desc, out, a_scale, b_scale, bias_arg, m, n, k, m_key, out.stride(0), out.stride(1)),
                 dict(NUM_SMS=sms, **constexprs), dict(a_desc=a_desc, b_desc=b_desc))
         else:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             _launch_autotuned(_int8_matmul_kernel, key, grid, (
                 a_codes, b_codes, out, a_scale, b_scale, bias_arg, m, n, k, m_key,
                 a_codes.stride(0), a_codes.stride(1), b_codes.stride(0), b_codes.stride(1), out.stride(0),

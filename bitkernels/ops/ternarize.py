@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..reference.quantization import WEIGHT_EPS
-from ._common import as_rows, cast_to, on_device, round_half_to_even, row_block
+from ._common import as_rows, cast_to, cdiv, next_power_of_2, on_device, round_half_to_even, row_block
 from ._launch import launch
 
 BLOCK = 4096
@@ -78,7 +78,7 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
         if m > 0:
             block_n, rows, num_warps = row_block(n, "weight")
             with on_device(w):
-                launch(_ternarize_rows_kernel, (triton.cdiv(m, rows),),
+                launch(_ternarize_rows_kernel, (cdiv(m, rows),),
                        w2, out, scale, m, n, w2.stride(0), out.stride(0), eps,
                        BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
                        enable_fp_fusion=False)
@@ -87,14 +87,14 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
     numel = flat.numel()
     out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
     scale = torch.empty((), device=w.device, dtype=torch.float32)
-    n_blocks = triton.cdiv(numel, BLOCK)
+    n_blocks = cdiv(numel, BLOCK)
     n_partials = max(1, min(n_blocks, MAX_PARTIALS))
     partials = torch.empty(n_partials, device=w.device, dtype=torch.float32)
     with on_device(w):
         launch(_abs_sum_partials_kernel, (n_partials,), flat, partials, numel, BLOCK=BLOCK, num_warps=8)
         launch(_ternarize_tensor_kernel, (max(n_blocks, 1),),
                flat, out, partials, scale, numel, n_partials, eps,
-               BLOCK=BLOCK, PARTIALS=triton.next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8,
+               BLOCK=BLOCK, PARTIALS=next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8,
                enable_fp_fusion=False)
     return out, scale
 
