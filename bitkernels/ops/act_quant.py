@@ -30,10 +30,12 @@ def store_int8(out_ptrs, y, inv, scale, mask, DEQUANTIZE: tl.constexpr):
 @triton.jit
 def store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr,
                     DEQUANTIZE: tl.constexpr):
-    """Quantize whole rows held in registers by their absmax; store codes (or codes * scale) and the scales."""
+    """Quantize whole rows held in registers by their absmax; store codes (or codes * scale) and the scales.
+    Returns the rows' (multiplier, scale) for a second tile of the same rows."""
     inv, scale = int8_row_scales(absmax)
     store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
+    return inv, scale
 
 
 @triton.jit
@@ -55,9 +57,8 @@ def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stri
         if TAIL > 0:
             absmax = tl.maximum(absmax, tl.max(tl.abs(x_tail), axis=1))
         absmax = tl.maximum(absmax, eps)
-        store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+        inv, scale = store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
         if TAIL > 0:
-            inv, scale = int8_row_scales(absmax)
             store_int8(out_ptr + rows[:, None] * stride_out + tail_cols[None, :], x_tail, inv, scale, tail_mask,
                        DEQUANTIZE)
     else:  # long rows: absmax pass, then a quantizing pass whose re-read of the row is served by L2

@@ -45,9 +45,8 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
             y_tail = x_tail * rstd[:, None] * w_tail[None, :]
             absmax = tl.maximum(absmax, tl.max(tl.abs(y_tail), axis=1))
         absmax = tl.maximum(absmax, act_eps)
-        store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
+        inv, scale = store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
         if TAIL > 0:
-            inv, scale = int8_row_scales(absmax)
             store_int8(out_ptr + rows[:, None] * stride_out + tail_cols[None, :], y_tail, inv, scale, tail_mask,
                        DEQUANTIZE)
     else:  # long rows: sum-of-squares, absmax and quantizing passes; the re-reads of the row are served by L2
