@@ -82,6 +82,66 @@ def test_int8_matmul_float32_output_at_a_tma_sized_gemm():
     assert rel(out, exact) <= TOL[torch.float32]
 
 
+def _tma_operands(m, n, k, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8, generator=gen)
+    b = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8, generator=gen)
+    return a, b, torch.rand(m, device="cuda", generator=gen) + 0.01, torch.rand((), device="cuda", generator=gen) + 0.01
+
+
+@pytest.mark.gpu
+def test_int8_matmul_tma_in_a_cuda_graph():
+    # The TMA kernel's descriptors live in scratch memory taken at launch: under capture, from the graph's pool. A
+    # replay on new operands (copied into the captured ones) must give the pointer kernel's bits.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    a, b, sa, sb = _tma_operands(300, 200, 192, 0)
+    ops.int8_matmul(a, b, sa, sb, tma=True)  # tunes and compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.int8_matmul(a, b, sa, sb, tma=True)
+    for seed in (1, 2):
+        for dst, src in zip((a, b, sa, sb), _tma_operands(300, 200, 192, seed)):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.equal(out, ops.int8_matmul(a, b, sa, sb, tma=False)), seed
+
+
+@pytest.mark.gpu
+def test_int8_matmul_tma_scratch_allocator_per_thread():
+    # Triton's allocator is a context variable: a new thread starts without one and the TMA launch must set its own;
+    # an allocator the user set is used, not replaced.
+    import threading
+
+    import triton
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    a, b, sa, sb = _tma_operands(300, 200, 192, 3)
+    expected = ops.int8_matmul(a, b, sa, sb, tma=False)
+    results, calls = {}, []
+
+    def users_allocator(size, alignment, stream):
+        calls.append(size)
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    def run(name, allocator):
+        try:
+            if allocator is not None:
+                triton.set_allocator(allocator)
+            results[name] = [torch.equal(ops.int8_matmul(a, b, sa, sb, tma=True), expected) for _ in range(2)]
+        except Exception as error:  # reported below, in the test's thread
+            results[name] = error
+
+    for name, allocator in (("fresh thread", None), ("user's allocator", users_allocator)):
+        thread = threading.Thread(target=run, args=(name, allocator))
+        thread.start()
+        thread.join()
+    assert results == {"fresh thread": [True, True], "user's allocator": [True, True]}, results
+    assert len(calls) == 2 and all(size > 0 for size in calls)
+
+
 def test_int8_matmul_tma_needs_aligned_rows(device):
     from bitkernels.ops.int8_matmul import tma_layout_ok
 

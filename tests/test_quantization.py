@@ -189,7 +189,9 @@ def long_rows(request, monkeypatch):
     monkeypatch.setattr(_common, "SINGLE_PASS_MAX", 16)
     monkeypatch.setattr(_common, "CHUNK", 16)
     monkeypatch.setattr(_common, "SPLIT_ROW_MAX", 0 if request.param == "chunks" else 16 + 128)
-    return request.param
+    _common.row_tiling.cache_clear()  # cached per row length under the real limits; again after, under these
+    yield request.param
+    _common.row_tiling.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

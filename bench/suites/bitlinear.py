@@ -218,5 +218,5 @@ def cases(device: torch.device, quick: bool):
         import importlib
 
         mm = importlib.import_module("bitkernels.ops.int8_matmul")  # the module, not ops.int8_matmul the function
-        for key, cfg in mm._TUNED.items():  # (tma, M bucket, N, K, per_channel, bias, bias dtype, out dtype, device)
+        for key, (_, cfg) in mm._TUNED.items():  # (tma, M bucket, N, K, per_channel, bias, bias dtype, out dtype, device)
             print(f"autotune int8_matmul {key}: {cfg}", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -107,6 +108,7 @@ class RowTiling(NamedTuple):
     tail: int = 0  # with a head tile of block_n columns, a second tile of this many (0: none)
 
 
+@functools.lru_cache(maxsize=1024)  # on every launch of the quantizers: 2 us a call uncached, ~0.1 cached
 def row_tiling(n_cols: int) -> RowTiling:
     """Tiling of the forward quantizers: whole rows in registers when they fit (for rows just past SINGLE_PASS_MAX as
     a head and a tail tile, padding 9728 columns to 10240 instead of 16384), else CHUNK-wide chunks of one row."""
@@ -125,6 +127,7 @@ def check_row_length(n_cols: int, name: str = "x") -> None:
                          "use backend='torch'")
 
 
+@functools.lru_cache(maxsize=1024)
 def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:
     """(BLOCK_N, ROWS per program, num_warps) for row-wise kernels that keep whole rows in registers."""
     check_row_length(n_cols, name)

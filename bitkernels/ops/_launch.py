@@ -7,10 +7,11 @@ host-bound. ``launch`` takes Triton's path on the first call for each argument s
 kernel, and afterwards calls its launcher directly.
 
 The cache key is a superset of what Triton specializes on: each tensor's dtype and 16-byte alignment, each integer's
-divisibility by 16, its being 1 and its width, floats as floats, each host TMA descriptor's type, base dtype, block
-shape, padding and the divisibility of its shape and strides, and every keyword (constexprs and compile options) by
-value. A hit is therefore the kernel Triton itself would have picked. Anything else (keyword runtime arguments,
-launch hooks of a profiler, the interpreter) takes Triton's own path.
+divisibility by 16, its being 1 and its width, floats as floats, and every keyword (constexprs and compile options)
+by value. A hit is therefore the kernel Triton itself would have picked. Anything else (host TMA descriptors, keyword
+runtime arguments, launch hooks of a profiler, the interpreter) takes Triton's own path. Kernels that need scratch
+memory (device-side TMA descriptors) get it from Triton's allocator inside the compiled launcher, as on Triton's
+path.
 """
 from __future__ import annotations
 
@@ -24,17 +25,16 @@ try:  # the pieces of Triton's runtime used below; without them (other versions)
     from triton.runtime import driver
 except ImportError:  # pragma: no cover - depends on the Triton version
     knobs = CompiledKernel = driver = None
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the Triton version
-    TensorDescriptor = None
 
 # BITKERNELS_FAST_LAUNCH=0 sends every launch through Triton's JITFunction.run (to rule this module out).
 ENABLED = (CompiledKernel is not None and os.environ.get("BITKERNELS_FAST_LAUNCH", "1") != "0"
            and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
-_compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, constexpr values in signature order)
-_unsupported: set = set()  # kernels whose signature or call does not fit the fast path
+# key -> (kernel, compiled kernel, constexpr values in signature order). Keys start with id(kernel): a JITFunction
+# hashes through a lock and a property (~1 us a lookup); the entry keeps the kernel, so its id is never reused.
+_compiled: dict[tuple, tuple] = {}
+_unsupported: set = set()  # ids of kernels whose signature or call does not fit the fast path (kernels kept alive)
+_unsupported_kernels: list = []
 
 
 class _NotCacheable(Exception):
@@ -42,23 +42,23 @@ class _NotCacheable(Exception):
 
 
 def _specialization(arg):
+    # Runs for every argument of every launch: exact class tests, and an int32 integer as one small int (bit 0:
+    # == 1, bit 1: divisible by 16) instead of a tuple (an isinstance chain and 4-tuples cost ~0.3 us an argument).
+    cls = arg.__class__
+    if cls is int:
+        if -2**31 <= arg < 2**31:
+            return (arg == 1) | ((arg & 15) == 0) << 1
+        return arg == 1, arg & 15 == 0, -2**63 <= arg < 2**63
+    if cls is float or cls is bool or arg is None:
+        return cls
     if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):  # before int: bool is an int
-        return bool
-    if isinstance(arg, int):
-        return arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, -2**63 <= arg < 2**63
-    if isinstance(arg, float):
-        return float
-    if arg is None:
-        return None
-    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
-        # Triton keys a host descriptor on its base's dtype and block shape (the TMA GEMM's config sets the block
-        # shape before each launch); shape and strides travel as runtime values, kept here by divisibility anyway.
-        return (type(arg), arg.base.dtype, tuple(arg.block_shape), getattr(arg, "padding", None),
-                getattr(arg, "round_f32_to_tf32", None), tuple(v % 16 == 0 for v in arg.shape),
-                tuple(v % 16 == 0 for v in arg.strides))
+        return arg.dtype, arg.data_ptr() & 15 == 0
     raise _NotCacheable
+
+
+def _mark_unsupported(kernel) -> None:
+    _unsupported.add(id(kernel))
+    _unsupported_kernels.append(kernel)
 
 
 def _hooks_idle() -> bool:
@@ -83,12 +83,12 @@ def _constexpr_tail(kernel, n_args: int, kwargs: dict):
 def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, through the kernel's compiled launcher once Triton has compiled it for this
     specialization. Pass the runtime arguments positionally and the constexprs and options by keyword."""
-    if (not ENABLED or callable(grid) or kernel in _unsupported or getattr(kernel, "pre_run_hooks", True)
+    if (not ENABLED or callable(grid) or id(kernel) in _unsupported or getattr(kernel, "pre_run_hooks", True)
             or not _hooks_idle()):
         return kernel[grid](*args, **kwargs)
     device = torch.cuda.current_device()
     try:
-        key = (kernel, device, tuple(map(_specialization, args)), tuple(kwargs.items()))
+        key = (id(kernel), device, *map(_specialization, args), *kwargs.items())
         hit = _compiled.get(key)
     except (_NotCacheable, TypeError):  # TypeError: an unhashable keyword value
         return kernel[grid](*args, **kwargs)
@@ -96,16 +96,16 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         compiled = kernel[grid](*args, **kwargs)
         tail = _constexpr_tail(kernel, len(args), kwargs)
         if tail is None:
-            _unsupported.add(kernel)
+            _mark_unsupported(kernel)
         elif isinstance(compiled, CompiledKernel):
-            _compiled[key] = (compiled, tail)
+            _compiled[key] = (kernel, compiled, tail)
         return compiled
-    compiled, tail = hit
+    _, compiled, tail = hit
     try:
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                      driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None,
                      None, *args, *tail)
     except Exception:  # a launcher that takes these arguments otherwise (another Triton version): Triton's path
-        _unsupported.add(kernel)
+        _mark_unsupported(kernel)
         return kernel[grid](*args, **kwargs)
     return compiled

@@ -17,22 +17,23 @@ from ..backend import triton_interpreter_enabled
 from ._common import AUTOTUNE, cast_to, cdiv, device_info, next_power_of_2, on_device
 from ._launch import launch
 
-try:  # host-side TMA descriptors (Triton >= 3.4); without them every GPU takes the pointer kernel
-    from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # the runtime allocator that device-side TMA descriptors need (Triton >= 3.4); without it, the pointer kernel
+    from triton.runtime import _allocation
+    HAS_DEVICE_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(_allocation, "NullAllocator")
 except ImportError:  # pragma: no cover - depends on the Triton version
-    TensorDescriptor = None
+    _allocation, HAS_DEVICE_TMA = None, False
 
 
-def _configs(hopper_like: list[tuple], interpreter_config: dict, pre_hook=None) -> list[triton.Config]:
+def _configs(hopper_like: list[tuple], interpreter_config: dict) -> list[triton.Config]:
     """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PERSISTENT]) tuples."""
     if triton_interpreter_enabled():  # the interpreter runs every config it is given: one small one keeps CPU tests fast
-        return [triton.Config(interpreter_config, num_warps=4, num_stages=1, pre_hook=pre_hook)]
+        return [triton.Config(interpreter_config, num_warps=4, num_stages=1)]
     configs = []
     for bm, bn, bk, warps, stages, *persistent in hopper_like:
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
         if persistent:
             meta["PERSISTENT"] = persistent[0]
-        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=pre_hook))
+        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return configs if AUTOTUNE else configs[:1]  # the first is the untuned default
 
 
@@ -46,12 +47,6 @@ _POINTER_CONFIGS = _configs([
 ], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-def _set_block_shapes(nargs):
-    # The descriptors' tile shapes are the config's: set per config before each launch (autotuner pre-hook).
-    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-
 # TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT), from a 38-variant sweep on
 # the H100 (2026-11-23, bench/notes/bitlinear.md "v6"). Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K bytes of
 # operand tiles plus the output tile staged for the epilogue's stores, which does not reuse the pipeline's buffers
@@ -60,7 +55,7 @@ def _set_block_shapes(nargs):
 _TMA_CONFIGS = _configs([
     (128, 256, 128, 8, 3, True), (256, 128, 128, 8, 3, True), (128, 128, 256, 8, 3, True),
     (128, 128, 256, 8, 3, False),
-], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}, _set_block_shapes)
+], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True})
 
 
 def _bucket(m: int) -> int:
@@ -127,14 +122,18 @@ def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
 
 @triton.autotune(configs=_TMA_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
 @triton.jit
-def _int8_matmul_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_KEY,
-                            stride_cm, stride_cn, NUM_SMS: tl.constexpr,
+def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_KEY,
+                            stride_am, stride_bn, stride_cm, stride_cn, NUM_SMS: tl.constexpr,
                             PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
-    # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. A
+    # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. The
+    # descriptors are built here, on the device, in the launch's scratch memory: host descriptors, which Triton's
+    # launcher encodes on every call, cost ~20 us more host time a call on the H100 host for the same GPU time. A
     # persistent grid (one program per SM walking tiles) with the tile and K loops flattened lets the next tile's
     # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel.
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         step = NUM_SMS
@@ -153,22 +152,36 @@ def _int8_matmul_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bia
                          off_n + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
 
 
-_TUNED: dict[tuple, triton.Config] = {}
+_TUNED: dict[tuple, tuple[dict, dict]] = {}  # key -> the chosen config's (kwargs, kwargs with launch options)
 
 
-def _launch_autotuned(kernel, key: tuple, grid, args: tuple, constexprs: dict, hook_args: dict | None = None):
+def _launch_autotuned(kernel, key: tuple, grid, args: tuple, constexprs: dict):
     """Launch an autotuned kernel; once ``key`` is tuned, launch its chosen config directly, skipping the autotuner's
     per-call dispatch (argument dicts, dtype strings, its key): ``int8_matmul``'s host time went from 196 to 175 us on
     the H100 host; and through ``_launch.launch``, past the JIT function's own dispatch. ``key`` holds what the
     autotuner's key holds (M bucket, N, K, flags, dtypes). ``grid`` takes the config's keywords."""
-    config = _TUNED.get(key)
-    if config is None:
+    tuned = _TUNED.get(key)
+    if tuned is None:
         kernel[grid](*args, **constexprs)
-        _TUNED[key] = kernel.best_config
+        _TUNED[key] = (kernel.best_config.kwargs, kernel.best_config.all_kwargs())
         return
-    if config.pre_hook is not None:
-        config.pre_hook({**(hook_args or {}), **config.kwargs})
-    launch(kernel.fn, grid(config.kwargs), *args, **constexprs, **config.all_kwargs())
+    meta, all_kwargs = tuned
+    launch(kernel.fn, grid(meta), *args, **constexprs, **all_kwargs)
+
+
+def _scratch_from_torch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The launch's scratch (the device-side descriptors, 128 bytes each per program) from torch's caching allocator:
+    # stream-ordered reuse, and a CUDA graph's private pool while one is captured. Blocks are 512-byte aligned, more
+    # than the descriptors' alignment; the launch runs on the operands' device (on_device), the current one.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Give Triton an allocator for kernel scratch memory unless one is set. The setting is a context variable: each
+    thread (autograd's backward threads too, which rerun forwards under activation checkpointing) starts without one,
+    so this runs before every TMA launch (a context-variable read when already set). A user's allocator is kept."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch_from_torch)
 
 
 def tma_layout_ok(t: torch.Tensor) -> bool:
@@ -178,15 +191,15 @@ def tma_layout_ok(t: torch.Tensor) -> bool:
 
 def tma_eligible(*tensors: torch.Tensor) -> bool:
     """Whether the TMA kernel runs on these operands: Hopper or newer (sm_90+) and TMA-aligned layouts."""
-    return TensorDescriptor is not None and all(
+    return HAS_DEVICE_TMA and all(
         t.is_cuda and device_info(t.device).capability[0] >= 9 and tma_layout_ok(t) for t in tensors)
 
 
-# The TMA kernel's GPU time is 7-14% lower (H100), but its host-side descriptors cost ~50 us more per call than the
-# pointer kernel's launch on the H100 host (bench "int8_gemm_only" vs "int8_gemm_pointer" at M=2048, 2026-11-23):
-# it pays where the GEMM's GPU time hides that, ~2**35 multiply-adds (~70 us at 1000 TOP/s) and up. (Not switched
-# on during CUDA-graph capture: the captured call would then take a kernel and tuning key its eager warm-up never
-# tuned, and autotuning inside a capture breaks it.)
+# The TMA kernel's GPU time is 5-10% lower (H100), but its launch costs ~10 us more host time than the pointer
+# kernel's (the scratch allocation for its device-side descriptors; host descriptors had cost ~30 us: median of 9
+# GEMM shapes, one process, 2026-11-23, bench/notes/bitlinear.md "v9"): it pays where the GEMM's GPU time hides that,
+# ~2**35 multiply-adds (~70 us at 1000 TOP/s) and up. (Not switched on during CUDA-graph capture: the captured call
+# would then take a kernel and tuning key its eager warm-up never tuned, and autotuning inside a capture breaks it.)
 TMA_MIN_MACS = 2 ** 35
 
 
@@ -199,9 +212,8 @@ def tma_output_ok(out_dtype: torch.dtype) -> bool:
 
 def prefer_tma(a_codes: torch.Tensor, b_codes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> bool:
     """The automatic choice of ``int8_matmul``: the TMA kernel where eligible and worth its host cost."""
-    if not (tma_output_ok(out_dtype) and tma_eligible(a_codes, b_codes)):
-        return False
-    return a_codes.shape[0] * a_codes.shape[1] * b_codes.shape[0] >= TMA_MIN_MACS
+    return (a_codes.shape[0] * a_codes.shape[1] * b_codes.shape[0] >= TMA_MIN_MACS and tma_output_ok(out_dtype)
+            and tma_eligible(a_codes, b_codes))
 
 
 def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
@@ -228,9 +240,10 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
     with on_device(a_codes):
         if tma is None:
             tma = prefer_tma(a_codes, b_codes, out_dtype)
-        elif tma and (TensorDescriptor is None or not (tma_layout_ok(a_codes) and tma_layout_ok(b_codes))):
-            raise ValueError("tma=True needs triton.tools.tensor_descriptor and operands with a unit column stride and "
-                             "16-byte aligned base and rows (K a multiple of 16 for contiguous int8 codes)")
+        elif tma and not (HAS_DEVICE_TMA and tma_layout_ok(a_codes) and tma_layout_ok(b_codes)):
+            raise ValueError("tma=True needs Triton's device-side tensor descriptors (Triton >= 3.4) and operands with "
+                             "a unit column stride and 16-byte aligned base and rows (K a multiple of 16 for "
+                             "contiguous int8 codes)")
         elif tma and not tma_output_ok(out_dtype):
             raise ValueError(f"tma=True needs a 16-bit out_dtype (float16 or bfloat16), got {out_dtype}: the TMA "
                              "kernel's shared memory has no room for a float32 output tile; use tma=False or None")
@@ -239,16 +252,15 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
         constexprs = dict(PER_CHANNEL=per_channel, HAS_BIAS=has_bias)
         if tma:
             sms = device_info(a_codes.device).sm_count
-            a_desc = TensorDescriptor.from_tensor(a_codes, [1, 16])  # tile shapes: set per config (_set_block_shapes)
-            b_desc = TensorDescriptor.from_tensor(b_codes, [1, 16])
+            _ensure_scratch_allocator()
 
             def grid(meta):
                 tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
                 return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
             _launch_autotuned(_int8_matmul_tma_kernel, key, grid, (
-                a_desc, b_desc, out, a_scale, b_scale, bias_arg, m, n, k, m_key, out.stride(0), out.stride(1)),
-                dict(NUM_SMS=sms, **constexprs), dict(a_desc=a_desc, b_desc=b_desc))
+                a_codes, b_codes, out, a_scale, b_scale, bias_arg, m, n, k, m_key, a_codes.stride(0),
+                b_codes.stride(0), out.stride(0), out.stride(1)), dict(NUM_SMS=sms, **constexprs))
         else:
             grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             _launch_autotuned(_int8_matmul_kernel, key, grid, (
