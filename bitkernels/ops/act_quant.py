@@ -18,6 +18,14 @@ def int8_row_scales(absmax):
 
 
 @triton.jit
+def load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK: tl.constexpr):
+    """Columns [start, start + BLOCK) of ``rows`` as fp32 (0 past the row's end) -> (cols, mask, tile)."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    return cols, mask, tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def store_int8(out_ptrs, y, inv, scale, mask, DEQUANTIZE: tl.constexpr):
     """Quantize fp32 rows ``y`` [ROWS, BLOCK_N]; store the codes (or codes * scale in the output's dtype)."""
     q = round_half_to_even(y * inv[:, None])
@@ -45,14 +53,9 @@ def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stri
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     if not CHUNKED:  # the whole row in registers (BLOCK_N columns, plus TAIL more): one read of x
-        cols = tl.arange(0, BLOCK_N)
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
         if TAIL > 0:  # both loads before any reduction: a load issued after one waits out its barrier
-            tail_cols = BLOCK_N + tl.arange(0, TAIL)
-            tail_mask = row_mask[:, None] & (tail_cols[None, :] < n_cols)
-            x_tail = tl.load(x_ptr + rows[:, None] * stride_x + tail_cols[None, :], mask=tail_mask,
-                             other=0.0).to(tl.float32)
+            tail_cols, tail_mask, x_tail = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, BLOCK_N, TAIL)
         absmax = tl.max(tl.abs(x), axis=1)
         if TAIL > 0:
             absmax = tl.maximum(absmax, tl.max(tl.abs(x_tail), axis=1))
@@ -64,16 +67,12 @@ def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stri
     else:  # long rows: absmax pass, then a quantizing pass whose re-read of the row is served by L2
         absmax = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK_N)
             absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
         inv, scale = int8_row_scales(tl.maximum(absmax, eps))
         tl.store(scale_ptr + rows, scale, mask=row_mask)
         for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK_N)
             store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], x, inv, scale, mask, DEQUANTIZE)
 
 

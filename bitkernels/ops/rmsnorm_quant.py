@@ -13,7 +13,7 @@ from ..reference.quantization import ACT_EPS
 from ._common import (as_rows, cast_to, cdiv, check_row_length, device_info, next_power_of_2, on_device, row_block,
                       row_tiling)
 from ._launch import launch
-from .act_quant import int8_row_scales, store_int8, store_int8_rows
+from .act_quant import int8_row_scales, load_row_tile, store_int8, store_int8_rows
 
 
 @triton.jit
@@ -25,14 +25,9 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
     if not CHUNKED:  # the whole row in registers (BLOCK_N columns, plus TAIL more): one read of x
         # The norm weight is loaded once 1/rms is known: live beside x through the reduction it costs registers,
         # so resident rows (an H100 ablation at 9728 columns: 91 -> 86 us).
-        cols = tl.arange(0, BLOCK_N)
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
         if TAIL > 0:  # both loads before any reduction: a load issued after one waits out its barrier
-            tail_cols = BLOCK_N + tl.arange(0, TAIL)
-            tail_mask = row_mask[:, None] & (tail_cols[None, :] < n_cols)
-            x_tail = tl.load(x_ptr + rows[:, None] * stride_x + tail_cols[None, :], mask=tail_mask,
-                             other=0.0).to(tl.float32)
+            tail_cols, tail_mask, x_tail = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, BLOCK_N, TAIL)
         sum_sq = tl.sum(x * x, axis=1)
         if TAIL > 0:
             sum_sq += tl.sum(x_tail * x_tail, axis=1)
@@ -52,25 +47,19 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
     else:  # long rows: sum-of-squares, absmax and quantizing passes; the re-reads of the row are served by L2
         sum_sq = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK_N)
             sum_sq += tl.sum(x * x, axis=1)
         rstd = 1.0 / tl.sqrt(sum_sq / n_cols + eps)
         tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         absmax = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK_N)
             w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             absmax = tl.maximum(absmax, tl.max(tl.abs(x * rstd[:, None] * w[None, :]), axis=1))
         inv, scale = int8_row_scales(tl.maximum(absmax, act_eps))
         tl.store(scale_ptr + rows, scale, mask=row_mask)
         for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK_N)
             w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             y = x * rstd[:, None] * w[None, :]
             store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
@@ -107,6 +96,13 @@ def _store_dequantized(xq_ptrs, x, x_hat, w, code_scale, absmax, mask, FROM_CODE
 
 
 @triton.jit
+def _norm_weight_and_inverse(w_ptr, cols, col_mask):
+    # 1/w rebuilds x_hat from the codes (codes * scale / w); 0 where w is 0, whose elements get no gradient.
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return w, tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, dw_partial_ptr, xq_ptr, n_rows,
                         n_cols, rows_per_program, stride_dy, stride_x, stride_dx, stride_xq, act_eps,
                         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FROM_CODES: tl.constexpr,
@@ -116,8 +112,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, 
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    inv_w = tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
+    w, inv_w = _norm_weight_and_inverse(w_ptr, cols, col_mask)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -175,8 +170,7 @@ def _rmsnorm_bwd_tile_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dot
     # is summed in registers over the run (no atomics, deterministic).
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    inv_w = tl.where(w != 0.0, 1.0 / tl.where(w != 0.0, w, 1.0), 0.0)
+    w, inv_w = _norm_weight_and_inverse(w_ptr, cols, col_mask)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = tl.program_id(1).to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
