@@ -237,8 +237,8 @@ def rmsnorm_backward_path(request, monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 1), (3, 100), (64, 32), (150, 70),
                                    pytest.param((528, 2048), marks=pytest.mark.gpu)])
 def test_rmsnorm_dw_partials_sum(shape, dtype, device):
-    """The RMSNorm backward's final column sum of per-program dw rows: partial counts past one block (150 > 64),
-    ragged columns, rounded once to the norm weight's dtype."""
+    """The RMSNorm backward's final column sum of per-program dw rows: partial counts past one block (150 >
+    SUM_BLOCK_P = 128), ragged columns, rounded once to the norm weight's dtype."""
     from bitkernels.ops.rmsnorm_quant import _sum_dw_partials
 
     partial = randn(shape, torch.float32, device)
@@ -250,10 +250,12 @@ def test_rmsnorm_dw_partials_sum(shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 17), (37, 300), (0, 64), (1, 1000),
+@pytest.mark.parametrize("shape", [(3, 17), (37, 300), (0, 64), (1, 1000), (9, 2048), (5, 2600),
                                    pytest.param((8192, 2560), marks=pytest.mark.gpu),
                                    pytest.param((2048, 9728), marks=pytest.mark.gpu)])
 def test_rmsnorm_backward_and_dequantize(shape, dtype, device, rmsnorm_backward_path):
+    if device.type == "cpu" and rmsnorm_backward_path == "row_dot_then_tiles" and shape[-1] in (2048, 2600):
+        pytest.skip("these widths check whole_row_bwd_block's tilings; the forced small-block path is slow here")
     eps, act_eps = 1e-6, ACT_EPS
     x = randn(shape, dtype, device, scale=2.0)
     w = randn(shape[-1:], dtype, device) * 0.1 + 1

@@ -16,7 +16,8 @@ SINGLE_PASS_MAX = 8192  # forward quantizers keep rows up to this padded length 
 # ... or, past it, as a SINGLE_PASS_MAX-wide tile plus a power-of-two tail tile while the two stay within this: 9728
 # columns pad to 10240 instead of 16384. H100, M=8192 bf16 SubLN+quant (2026-11-23), same rounding: 9728 columns 126 us
 # vs 147 us in chunks (three passes) and 251 us as one padded tile; 14336: 191 vs 217; 8 warps (4: 152, 16: 170).
-# With the hardware rounding and both loads ahead of the reductions: 101 and 153 us (bench/notes/bitlinear.md, v7).
+# With the hardware rounding and both loads ahead of the reductions: 101 and 153 us (bench/notes/bitlinear.md, v7); as
+# 1-D tiles (one row a program): 90 and 148 us (v10).
 SPLIT_ROW_MAX = 16384
 SPLIT_ROW_WARPS = 8
 CHUNK, CHUNK_WARPS = 2048, 8  # H100 sweep (2026-11-23): 1.13x faster than 4096-wide chunks at 9728 columns

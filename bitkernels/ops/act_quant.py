@@ -26,44 +26,69 @@ def load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK: tl.cons
 
 
 @triton.jit
-def store_int8(out_ptrs, y, inv, scale, mask, DEQUANTIZE: tl.constexpr):
-    """Quantize fp32 rows ``y`` [ROWS, BLOCK_N]; store the codes (or codes * scale in the output's dtype)."""
-    q = round_half_to_even(y * inv[:, None])
+def int8_code_values(y, inv, scale, DEQUANTIZE: tl.constexpr):
+    """The int8 codes of fp32 ``y`` as floats (or codes * scale); ``inv`` and ``scale`` broadcast against ``y``."""
+    q = round_half_to_even(y * inv)
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     if DEQUANTIZE:
-        q = q * scale[:, None]
+        q = q * scale
+    return q
+
+
+@triton.jit
+def store_int8(out_ptrs, y, inv, scale, mask, DEQUANTIZE: tl.constexpr):
+    """Quantize fp32 rows ``y`` [ROWS, BLOCK_N]; store the codes (or codes * scale in the output's dtype)."""
+    q = int8_code_values(y, inv[:, None], scale[:, None], DEQUANTIZE)
     tl.store(out_ptrs, cast_to(q, out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr,
                     DEQUANTIZE: tl.constexpr):
-    """Quantize whole rows held in registers by their absmax; store codes (or codes * scale) and the scales.
-    Returns the rows' (multiplier, scale) for a second tile of the same rows."""
+    """Quantize whole rows held in registers by their absmax; store codes (or codes * scale) and the scales."""
     inv, scale = int8_row_scales(absmax)
     store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
-    return inv, scale
+
+
+# Rows of HEAD < n_cols <= HEAD + TAIL columns (row_tiling's tail), one per program, as two 1-D register tiles: 9728
+# columns pad to 10240, not 16384. 1-D because [1, N] tiles compiled to a slower layout (H100 ablation at 9728
+# columns, bench/notes/bitlinear.md v7: 86 vs 98 us).
+@triton.jit
+def load_head_tail(x_ptr, row, stride_x, n_cols, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """-> (head columns, tail columns, the tail's mask, head tile, tail tile) of one row, fp32; both loads issued
+    before any reduction (a load issued after one waits out its barrier)."""
+    cols = tl.arange(0, HEAD)  # all inside the row
+    tail_cols = HEAD + tl.arange(0, TAIL)
+    tail_mask = tail_cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols).to(tl.float32)
+    x_tail = tl.load(x_ptr + row * stride_x + tail_cols, mask=tail_mask, other=0.0).to(tl.float32)
+    return cols, tail_cols, tail_mask, x, x_tail
+
+
+@triton.jit
+def store_int8_head_tail(out_ptr, scale_ptr, row, stride_out, y, y_tail, cols, tail_cols, tail_mask, eps,
+                         DEQUANTIZE: tl.constexpr):
+    """Quantize one row held as a head and a tail tile by its absmax (at least ``eps``); store codes and scale."""
+    absmax = tl.maximum(tl.maximum(tl.max(tl.abs(y), axis=0), tl.max(tl.abs(y_tail), axis=0)), eps)
+    inv, scale = int8_row_scales(absmax)
+    tl.store(scale_ptr + row, scale)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * stride_out + cols, cast_to(int8_code_values(y, inv, scale, DEQUANTIZE), dtype))
+    tl.store(out_ptr + row * stride_out + tail_cols, cast_to(int8_code_values(y_tail, inv, scale, DEQUANTIZE), dtype),
+             mask=tail_mask)
 
 
 @triton.jit
 def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
                                  BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
-                                 TAIL: tl.constexpr, DEQUANTIZE: tl.constexpr):
+                                 DEQUANTIZE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
-    if not CHUNKED:  # the whole row in registers (BLOCK_N columns, plus TAIL more): one read of x
+    if not CHUNKED:  # the whole row in registers: one read of x
         cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
-        if TAIL > 0:  # both loads before any reduction: a load issued after one waits out its barrier
-            tail_cols, tail_mask, x_tail = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, BLOCK_N, TAIL)
-        absmax = tl.max(tl.abs(x), axis=1)
-        if TAIL > 0:
-            absmax = tl.maximum(absmax, tl.max(tl.abs(x_tail), axis=1))
-        absmax = tl.maximum(absmax, eps)
-        inv, scale = store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
-        if TAIL > 0:
-            store_int8(out_ptr + rows[:, None] * stride_out + tail_cols[None, :], x_tail, inv, scale, tail_mask,
-                       DEQUANTIZE)
+        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
+        store_int8_rows(out_ptr, x, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
     else:  # long rows: absmax pass, then a quantizing pass whose re-read of the row is served by L2
         absmax = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
@@ -76,6 +101,14 @@ def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stri
             store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], x, inv, scale, mask, DEQUANTIZE)
 
 
+@triton.jit
+def _quantize_activations_head_tail_kernel(x_ptr, out_ptr, scale_ptr, n_cols, stride_x, stride_out, eps,
+                                           HEAD: tl.constexpr, TAIL: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols, tail_cols, tail_mask, x, x_tail = load_head_tail(x_ptr, row, stride_x, n_cols, HEAD, TAIL)
+    store_int8_head_tail(out_ptr, scale_ptr, row, stride_out, x, x_tail, cols, tail_cols, tail_mask, eps, DEQUANTIZE)
+
+
 def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
     x2 = as_rows(x)
     m, n = x2.shape
@@ -84,10 +117,15 @@ def _quantize_rows(x: torch.Tensor, eps: float, dequantize: bool):
     if m > 0:
         tiling = row_tiling(n)
         with on_device(x):
-            launch(_quantize_activations_kernel, (cdiv(m, tiling.rows),),
-                   x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
-                   BLOCK_N=tiling.block_n, ROWS=tiling.rows, CHUNKED=tiling.chunked, TAIL=tiling.tail,
-                   DEQUANTIZE=dequantize, num_warps=tiling.num_warps, enable_fp_fusion=False)
+            if tiling.tail:  # one row a program (row_tiling gives tails to single rows only)
+                launch(_quantize_activations_head_tail_kernel, (m,), x2, out, scale, n, x2.stride(0), out.stride(0),
+                       eps, HEAD=tiling.block_n, TAIL=tiling.tail, DEQUANTIZE=dequantize, num_warps=tiling.num_warps,
+                       enable_fp_fusion=False)
+            else:
+                launch(_quantize_activations_kernel, (cdiv(m, tiling.rows),),
+                       x2, out, scale, m, n, x2.stride(0), out.stride(0), eps,
+                       BLOCK_N=tiling.block_n, ROWS=tiling.rows, CHUNKED=tiling.chunked, DEQUANTIZE=dequantize,
+                       num_warps=tiling.num_warps, enable_fp_fusion=False)
     return out.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 

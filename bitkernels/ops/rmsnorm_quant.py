@@ -13,37 +13,25 @@ from ..reference.quantization import ACT_EPS
 from ._common import (as_rows, cast_to, cdiv, check_row_length, device_info, next_power_of_2, on_device, row_block,
                       row_tiling)
 from ._launch import launch
-from .act_quant import int8_row_scales, load_row_tile, store_int8, store_int8_rows
+from .act_quant import (int8_row_scales, load_head_tail, load_row_tile, store_int8, store_int8_head_tail,
+                        store_int8_rows)
 
 
 @triton.jit
 def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_out,
                                  eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
-                                 TAIL: tl.constexpr, DEQUANTIZE: tl.constexpr):
+                                 DEQUANTIZE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
-    if not CHUNKED:  # the whole row in registers (BLOCK_N columns, plus TAIL more): one read of x
+    if not CHUNKED:  # the whole row in registers: one read of x
+        cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         # The norm weight is loaded once 1/rms is known: live beside x through the reduction it costs registers,
         # so resident rows (an H100 ablation at 9728 columns: 91 -> 86 us).
-        cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
-        if TAIL > 0:  # both loads before any reduction: a load issued after one waits out its barrier
-            tail_cols, tail_mask, x_tail = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, BLOCK_N, TAIL)
-        sum_sq = tl.sum(x * x, axis=1)
-        if TAIL > 0:
-            sum_sq += tl.sum(x_tail * x_tail, axis=1)
-        rstd = 1.0 / tl.sqrt(sum_sq / n_cols + eps)
-        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         y = x * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-        absmax = tl.max(tl.abs(y), axis=1)
-        if TAIL > 0:
-            w_tail = tl.load(w_ptr + tail_cols, mask=tail_cols < n_cols, other=0.0).to(tl.float32)
-            y_tail = x_tail * rstd[:, None] * w_tail[None, :]
-            absmax = tl.maximum(absmax, tl.max(tl.abs(y_tail), axis=1))
-        absmax = tl.maximum(absmax, act_eps)
-        inv, scale = store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
-        if TAIL > 0:
-            store_int8(out_ptr + rows[:, None] * stride_out + tail_cols[None, :], y_tail, inv, scale, tail_mask,
-                       DEQUANTIZE)
+        absmax = tl.maximum(tl.max(tl.abs(y), axis=1), act_eps)
+        store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
     else:  # long rows: sum-of-squares, absmax and quantizing passes; the re-reads of the row are served by L2
         sum_sq = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
@@ -63,6 +51,22 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
             w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             y = x * rstd[:, None] * w[None, :]
             store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
+
+
+@triton.jit
+def _rmsnorm_quantize_fwd_head_tail_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_cols, stride_x, stride_out,
+                                           eps, act_eps, HEAD: tl.constexpr, TAIL: tl.constexpr,
+                                           DEQUANTIZE: tl.constexpr):
+    # Rows just past SINGLE_PASS_MAX columns (act_quant.load_head_tail): H100, M=8192, 9728 columns 110 -> 90 us
+    # against the [1, N] tiles of the kernel above.
+    row = tl.program_id(0).to(tl.int64)
+    cols, tail_cols, tail_mask, x, x_tail = load_head_tail(x_ptr, row, stride_x, n_cols, HEAD, TAIL)
+    rstd = 1.0 / tl.sqrt((tl.sum(x * x, axis=0) + tl.sum(x_tail * x_tail, axis=0)) / n_cols + eps)
+    tl.store(rstd_ptr + row, rstd)
+    y = x * rstd * tl.load(w_ptr + cols).to(tl.float32)  # the norm weight loaded late, as above
+    y_tail = x_tail * rstd * tl.load(w_ptr + tail_cols, mask=tail_mask, other=0.0).to(tl.float32)
+    store_int8_head_tail(out_ptr, scale_ptr, row, stride_out, y, y_tail, cols, tail_cols, tail_mask, act_eps,
+                         DEQUANTIZE)
 
 
 @triton.jit
@@ -205,7 +209,9 @@ def _sum_dw_partials_kernel(partial_ptr, dw_ptr, n_partials, n_cols, BLOCK_P: tl
     tl.store(dw_ptr + cols, cast_to(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty), mask=col_mask)
 
 
-SUM_BLOCK_P, SUM_BLOCK_N = 64, 32  # 64 programs over 2048 columns: the ~500 partial rows are read by many SMs at once
+# 16 columns a program (128 programs over 2048 columns), 128 partial rows a step: an H100 sweep (2026-11-23, ~528
+# partial rows) ran 8.0-10.1 us at 1024-4096 columns against 16.8-17.8 for the earlier 32 columns, 64 rows, 4 warps.
+SUM_BLOCK_P, SUM_BLOCK_N, SUM_WARPS = 128, 16, 8
 
 
 def _sum_dw_partials(dw_partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,7 +219,7 @@ def _sum_dw_partials(dw_partial: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     dw = torch.empty(n, device=dw_partial.device, dtype=dtype)
     if n:
         launch(_sum_dw_partials_kernel, (cdiv(n, SUM_BLOCK_N),), dw_partial, dw, n_partials, n,
-               BLOCK_P=SUM_BLOCK_P, BLOCK_N=SUM_BLOCK_N, num_warps=4)
+               BLOCK_P=SUM_BLOCK_P, BLOCK_N=SUM_BLOCK_N, num_warps=SUM_WARPS)
     return dw
 
 
@@ -230,10 +236,16 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
     if m > 0:
         tiling = row_tiling(n)
         with on_device(x):
-            launch(_rmsnorm_quantize_fwd_kernel, (cdiv(m, tiling.rows),),
-                   x2, w, out, scale, rstd, m, n, x2.stride(0), out.stride(0), eps, act_eps,
-                   BLOCK_N=tiling.block_n, ROWS=tiling.rows, CHUNKED=tiling.chunked, TAIL=tiling.tail,
-                   DEQUANTIZE=dequantize, num_warps=tiling.num_warps, enable_fp_fusion=False)
+            if tiling.tail:  # one row a program (row_tiling gives tails to single rows only)
+                launch(_rmsnorm_quantize_fwd_head_tail_kernel, (m,),
+                       x2, w, out, scale, rstd, n, x2.stride(0), out.stride(0), eps, act_eps,
+                       HEAD=tiling.block_n, TAIL=tiling.tail, DEQUANTIZE=dequantize, num_warps=tiling.num_warps,
+                       enable_fp_fusion=False)
+            else:
+                launch(_rmsnorm_quantize_fwd_kernel, (cdiv(m, tiling.rows),),
+                       x2, w, out, scale, rstd, m, n, x2.stride(0), out.stride(0), eps, act_eps,
+                       BLOCK_N=tiling.block_n, ROWS=tiling.rows, CHUNKED=tiling.chunked, DEQUANTIZE=dequantize,
+                       num_warps=tiling.num_warps, enable_fp_fusion=False)
     return out, scale, rstd
 
 
@@ -243,6 +255,19 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
 WHOLE_ROW_MAX = 4096
 DOT_BLOCK, DOT_WARPS = 2048, 8
 TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
+
+
+def whole_row_bwd_block(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS a step, num_warps) of the whole-row backward: ``row_block``'s, but one row a step at 2048
+    padded columns and two at 4096 when a quarter or more of the tile is padding. H100 sweep (2026-11-23, M=8192,
+    bf16, with the grad_W operand, 4 warps): 2048 columns 57.1 us vs 63.0 with two rows; 2560 80.8 vs 89.7 with one;
+    3072 88.4 vs 96.5; 3584 and 4096 best with one (bench/notes/bitlinear.md, v10)."""
+    block_n, rows, num_warps = row_block(n_cols)
+    if block_n == 2048:
+        rows = 1
+    elif block_n == 4096 and 4 * n_cols <= 3 * block_n:
+        rows = 2
+    return block_n, rows, num_warps
 
 
 def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps):
@@ -256,7 +281,7 @@ def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dt
     from_codes = code_scale is not None
     code_scale = code_scale if from_codes else rstd  # an unused pointer when not from codes
     if next_power_of_2(n) <= WHOLE_ROW_MAX:
-        block_n, rows, num_warps = row_block(n)
+        block_n, rows, num_warps = whole_row_bwd_block(n)
         rows_per_program = cdiv(cdiv(m, 4 * device_info(x.device).sm_count), rows) * rows
         n_programs = cdiv(m, rows_per_program)
         dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)

@@ -46,7 +46,9 @@ def _ternarize_tensor_kernel(w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_pa
     scale = tl.maximum(total / numel, eps)
     if pid == 0:
         tl.store(scale_ptr, scale)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # Blocks last to first: the partial sums' grid-stride loops read the last blocks last, so the programs that start
+    # first find them in L2 (H100, 9728x2560 bf16, both launches: 52.9 -> 51.0 us in an A/B; 53.2 -> 46.7 in a sweep).
+    offs = (tl.num_programs(0) - 1 - pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q = ternary_codes(w, scale, DEQUANTIZE)
