@@ -7,7 +7,6 @@ the measured copy bandwidth is the fraction of the floor reached.
 from __future__ import annotations
 
 import torch
-import triton
 
 import bitkernels.reference as ref
 from bench.harness import Case
@@ -23,23 +22,26 @@ def _compiled(fn):
 
 
 def _with_tiling(fn, **settings):
-    """The same op under other row-tiling settings of ``_common``, to show what the shipped choice buys there."""
+    """The same op under other row-tiling settings of ``_common``, to show what the shipped choice buys there.
+    ``row_tiling`` is cached per row length: cleared on the way in and out, or the shipped tiling would be timed."""
     def run(*args):
         saved = {name: getattr(_common, name) for name in settings}
         for name, value in settings.items():
             setattr(_common, name, value)
+        _common.row_tiling.cache_clear()
         try:
             return fn(*args)
         finally:
             for name, value in saved.items():
                 setattr(_common, name, value)
+            _common.row_tiling.cache_clear()
     return run
 
 
 def _long_row_variants(fn, x, *args):
     """Rows past SINGLE_PASS_MAX: the same call chunked (two or three passes over the row) and as one padded
     register tile, beside the shipped head + tail tiles."""
-    if triton.next_power_of_2(x.shape[-1]) <= _common.SINGLE_PASS_MAX:
+    if _common.next_power_of_2(x.shape[-1]) <= _common.SINGLE_PASS_MAX:
         return {}
     chunked = _with_tiling(fn, SPLIT_ROW_MAX=0)
     one_tile = _with_tiling(fn, SINGLE_PASS_MAX=_common.MAX_ROW)

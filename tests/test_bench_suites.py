@@ -1,0 +1,14 @@
+"""Benchmark helpers that change what they time: they must really change it."""
+from bench.suites import quant
+from bitkernels.ops import _common
+
+
+def test_quant_suite_tiling_variants_take_effect():
+    # row_tiling is cached per row length: a variant that only set the module's limits would time the shipped tiling.
+    shipped = _common.row_tiling(9728)
+    assert shipped.tail and not shipped.chunked
+    chunked = quant._with_tiling(_common.row_tiling, SPLIT_ROW_MAX=0)(9728)
+    one_tile = quant._with_tiling(_common.row_tiling, SINGLE_PASS_MAX=_common.MAX_ROW)(9728)
+    assert chunked.chunked and chunked.block_n == _common.CHUNK
+    assert not one_tile.chunked and one_tile.tail == 0 and one_tile.block_n == 16384
+    assert _common.row_tiling(9728) == shipped  # settings and cache restored
