@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import platform
-import re
 import sys
 import traceback
 
@@ -28,7 +27,7 @@ if not torch.cuda.is_available():  # the kernels can only run on a CPU through T
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.harness import (  # noqa: E402
-    measure_copy_bandwidth, measure_matmul_tflops, peak_memory_bytes, time_ms, warm_up)
+    measure_copy_bandwidth, measure_matmul_tflops, peak_memory_bytes, time_ms, warm_up, write_results)
 
 SUITES_DIR = ROOT / "bench" / "suites"
 
@@ -113,12 +112,7 @@ def main(argv=None) -> int:
     for name in names:
         rows += run_suite(name, device, quick, not args.no_memory, meta["copy_bandwidth_GBps"])
 
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
-    out = pathlib.Path(args.out) if args.out else ROOT / "bench" / "results" / f"{slug}-{meta['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    tmp.replace(out)
+    out = write_results({"meta": meta, "rows": rows}, args.out, meta)
     print(f"\nwrote {out}")
     print("\n".join(format_row(r, meta["copy_bandwidth_GBps"]) for r in rows))
     return 0

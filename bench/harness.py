@@ -5,6 +5,9 @@ callables, one per implementation, run side by side in one process; bytes/flops 
 """
 from __future__ import annotations
 
+import json
+import pathlib
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +25,21 @@ class Case:
     bytes_moved: float | None = None            # fewest bytes the op must move (each input read once, output once)
     flops: float | None = None                  # arithmetic of the op, for matrix-bound cases
     notes: dict = field(default_factory=dict)
+
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def write_results(payload: dict, out: str | None, meta: dict, suffix: str = "") -> pathlib.Path:
+    """Write ``payload`` as JSON to ``out``, or by default to bench/results/<device>-<date><suffix>.json; through a
+    temporary file, so an interrupted run leaves no half-written result."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
+    path = pathlib.Path(out) if out else RESULTS_DIR / f"{slug}-{meta['date']}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> float:

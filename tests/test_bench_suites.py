@@ -1,4 +1,4 @@
-"""Benchmark helpers that change what they time: they must really change it."""
+"""Benchmark helpers: what they time must be what they say (variants take effect, swept kernels are correct)."""
 from bench.suites import quant
 from bitkernels.ops import _common
 
@@ -12,3 +12,17 @@ def test_quant_suite_tiling_variants_take_effect():
     assert chunked.chunked and chunked.block_n == _common.CHUNK
     assert not one_tile.chunked and one_tile.tail == 0 and one_tile.block_n == 16384
     assert _common.row_tiling(9728) == shipped  # settings and cache restored
+
+
+def test_int8_gemm_variant_sweep_checks_against_the_shipped_kernel():
+    # The sweep's CPU pass (interpreter): every epilogue / loop variant equals the shipped int8_matmul bit for bit,
+    # so a GPU run times only correct kernels; it returns nonzero when one differs or fails to compile.
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU pass of the sweep runs in Triton's interpreter")
+    from bench import sweep_int8_gemm
+
+    assert sweep_int8_gemm.main([]) == 0

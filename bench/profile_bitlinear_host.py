@@ -1,0 +1,144 @@
+"""Is a BitLinear row host-bound? Per fwd+bwd step: the bench's time, host time, and GPU kernel time, side by side.
+
+    python bench/profile_bitlinear_host.py [--shapes 8192x2048x6144,8192x1024x3072] [--out path.json]
+
+For each shape (tokens x in x out) and implementation of the bitlinear suite (ours eager, ours under torch.compile
+default and reduce-overhead modes, plain RMSNorm + nn.Linear eager / compiled / CUDA graphs), three numbers per
+step, in microseconds:
+    bench    do_bench's median, as bench/compare.py reports it (L2 flushed between steps)
+    host     wall time of issuing the step while the GPU is still busy with a long sleep kernel: the Python, framework
+             and launch cost alone; a step whose host time is above its GPU time is host-bound
+    gpu      the sum of the step's kernel durations from the profiler (no flush): what the step costs the GPU
+The ratio of two implementations' `gpu` columns is what the comparison would read on a host fast enough to keep the
+GPU fed. CUDA only. Writes JSON with the device and date (default bench/results/<device>-<date>-host-profile.json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import write_results  # noqa: E402
+from bench.suites.bitlinear import EPS, _fwd_bwd, _ours_module, _PlainLayer, plain  # noqa: E402
+
+
+def host_us(step, calls: int = 20) -> float:
+    """Host time per step with the GPU kept busy ahead of it, so no launch waits for the GPU to drain."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU clock cycles: longer than the calls take to issue
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def gpu_us(step, calls: int = 10) -> tuple[float, float, dict[str, float]]:
+    """(kernel time per step, kernels per step, kernel name -> time per step) from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name[:80]] = by_name.get(e.name[:80], 0.0) + e.device_time / calls
+    return sum(by_name.values()), len(kernels) / calls, by_name
+
+
+def steps_for(tokens: int, k: int, n: int, device: torch.device = torch.device("cuda")) -> dict:
+    """The fwd+bwd step of each implementation, built as the bitlinear suite builds them."""
+    from bitkernels import ops
+
+    dtype = torch.bfloat16
+    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5).requires_grad_()
+    nw = (torch.rand(k, device=device, dtype=dtype) + 0.5).requires_grad_()
+    dy = torch.randn(tokens, n, device=device, dtype=dtype)
+    plain_c = torch.compile(plain, dynamic=False)
+    ours_c = torch.compile(_ours_module(w, nw), dynamic=False)
+    cg_module = _ours_module(w, nw)
+    ours_cg = torch.compile(cg_module, mode="reduce-overhead", dynamic=False)
+    plain_module = _PlainLayer(w, nw)
+    plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
+    return {
+        "ours": _fwd_bwd(lambda: ops.bitlinear(x, w, None, nw, EPS), (x, w, nw), dy),
+        "ours_compile": _fwd_bwd(lambda: ours_c(x), (x,), dy),
+        "ours_cudagraph": _fwd_bwd(lambda: ours_cg(x), (x, cg_module.weight, cg_module.subln.weight), dy, True),
+        "plain_eager": _fwd_bwd(lambda: plain(x, nw, w), (x, w, nw), dy),
+        "plain_compile": _fwd_bwd(lambda: plain_c(x, nw, w), (x, w, nw), dy),
+        "plain_cudagraph": _fwd_bwd(lambda: plain_cg(x), (x, plain_module.weight, plain_module.norm_weight), dy,
+                                    True),
+    }
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--shapes: {item!r} is not TOKENSxINxOUT (positive integers, e.g. 8192x2048x6144)")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="8192x2048x6144,8192x1024x3072,2048x2048x6144")
+    p.add_argument("--repeats", type=int, default=2, help="alternating passes over the implementations")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_bitlinear_host.py needs a CUDA device (host vs GPU time means nothing on the CPU)")
+    from triton.testing import do_bench
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    device_name = torch.cuda.get_device_name()
+    meta = {"device": device_name, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "triton": __import__("triton").__version__}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for tokens, k, n in parse_shapes(args.shapes):
+        torch.manual_seed(0)
+        steps = steps_for(tokens, k, n)
+        for step in steps.values():  # compile, autotune, record the CUDA graphs
+            for _ in range(3):
+                step()
+        torch.cuda.synchronize()
+        samples = {name: {"bench": [], "host": []} for name in steps}
+        for _ in range(args.repeats):  # alternate, so a slow spell of the host hits every implementation
+            for name, step in steps.items():
+                samples[name]["bench"].append(do_bench(step, warmup=25, rep=100, return_mode="median") * 1e3)
+                samples[name]["host"].append(host_us(step))
+        shape = f"M={tokens} K={k} N={n}"
+        print(f"\n{shape} (us per fwd+bwd step; bench and host: each pass, gpu: kernel sum)")
+        for name, step in steps.items():
+            gpu, kernels, by_name = gpu_us(step)
+            row = {"shape": shape, "impl": name, "bench_us": samples[name]["bench"], "host_us": samples[name]["host"],
+                   "gpu_us": gpu, "kernels_per_step": kernels, "kernels_us": by_name}
+            rows.append(row)
+            print(f"  {name:16s} bench {' / '.join(f'{v:7.1f}' for v in row['bench_us'])}   host "
+                  f"{' / '.join(f'{v:7.1f}' for v in row['host_us'])}   gpu {gpu:7.1f} ({kernels:.0f} kernels)"
+                  f"   host/gpu {statistics.median(row['host_us']) / gpu:.2f}", flush=True)
+    out = write_results({"meta": meta, "rows": rows}, args.out, meta, "-host-profile")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Sweep of int8 TMA GEMM variants against the shipped ``int8_matmul``: warp specialization, TMA-store epilogue,
+epilogue split in two column halves. An experiment for what to ship next, not a shipped kernel.
+
+    python bench/sweep_int8_gemm.py [--compile-budget 240] [--out path.json]     # GPU: check and time
+    TRITON_INTERPRET=1 python bench/sweep_int8_gemm.py                           # CPU: check only, tiny shapes
+
+Why these: after v10 the int8 GEMM runs at 1.2-1.5x cuBLAS bf16 against a 2x ratio of peaks (bench/notes/bitlinear.md
+"v11"). The shipped kernel is persistent with its tile and K loops flattened, so the next tile's loads overlap this
+tile's epilogue, but one warpgroup pair both issues the loads and does the math, and its epilogue stores through
+registers with an output tile staged beside the pipeline (which keeps out 4-stage configs). Variants (constexprs):
+    WS         tl.range(..., warp_specialize=True): producer / consumer warps (Triton's Hopper pass, where present)
+    FLATTEN    tile and K loops flattened (the shipped kernel's choice)
+    TMA_STORE  the epilogue stores through a tensor descriptor (asynchronous copy engine)
+    SUBTILE    the epilogue in two BLOCK_N/2 halves: half the staging buffer, room for a 4th stage
+Every variant must equal the shipped kernel bit for bit (same epilogue arithmetic) before it is timed; a variant
+that fails to compile is reported and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import pathlib
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import write_results  # noqa: E402
+from bitkernels import ops  # noqa: E402
+from bitkernels.ops._common import cast_to  # noqa: E402
+from bitkernels.ops.int8_matmul import _ensure_scratch_allocator, _tile_ids  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _scaled(acc, a_scale_ptr, b_scale_ptr, offs_m, M):
+    # The shipped epilogue's arithmetic (per-tensor weight scale, no bias): the same bits.
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    return acc.to(tl.float32) * (a_scale * tl.load(b_scale_ptr))[:, None]
+
+
+@triton.jit
+def _int8_gemm_variant(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                       NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
+                       SUBTILE: tl.constexpr):
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    STORE_N: tl.constexpr = BLOCK_N // 2 if SUBTILE else BLOCK_N
+    if TMA_STORE:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, STORE_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # The epilogue recomputes its tile from a second counter: a value used both before the K loop and after it
+    # would tie the (flattened, specialized) loop's stages together.
+    tile_id_c = tl.program_id(0) - NUM_SMS
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WS):
+        pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _tile_ids(tile_id_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        if TMA_STORE:
+            if SUBTILE:
+                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, STORE_N)), (0, 2, 1))
+                acc0, acc1 = tl.split(halves)
+                y0 = _scaled(acc0, a_scale_ptr, b_scale_ptr, offs_m, M)
+                c_desc.store([off_m, off_n], cast_to(y0, c_ptr.dtype.element_ty))
+                y1 = _scaled(acc1, a_scale_ptr, b_scale_ptr, offs_m, M)
+                c_desc.store([off_m, off_n + STORE_N], cast_to(y1, c_ptr.dtype.element_ty))
+            else:
+                y = _scaled(acc, a_scale_ptr, b_scale_ptr, offs_m, M)
+                c_desc.store([off_m, off_n], cast_to(y, c_ptr.dtype.element_ty))
+        else:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            y = _scaled(acc, a_scale_ptr, b_scale_ptr, offs_m, M)
+            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, cast_to(y, c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def run_variant(a, b, a_scale, b_scale, variant: dict, num_sms: int) -> torch.Tensor:
+    m, k = a.shape
+    n = b.shape[0]
+    c = torch.empty((m, n), device=a.device, dtype=torch.bfloat16)
+    grid = (min(num_sms, triton.cdiv(m, variant["BLOCK_M"]) * triton.cdiv(n, variant["BLOCK_N"])),)
+    _int8_gemm_variant[grid](a, b, c, a_scale, b_scale, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+                             NUM_SMS=num_sms, GROUP_M=8 if not INTERPRET else 2, **variant)
+    return c
+
+
+def variants() -> list[dict]:
+    if INTERPRET:  # small tiles; every epilogue / loop combination once (the interpreter ignores warp_specialize)
+        tiles = [(16, 32, 32, 4, 1)]
+    else:  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shipped winners, and a 4th stage
+        tiles = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
+                 (128, 128, 256, 8, 3)]
+    # (WS, FLATTEN, TMA_STORE, SUBTILE), most promising first: the compile budget may cut the list short
+    epilogues = [(False, True, False, False), (True, True, False, False), (True, True, True, True),
+                 (False, True, True, True), (True, False, True, True), (False, True, True, False)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, FLATTEN=fl, TMA_STORE=ts, SUBTILE=st, num_warps=w,
+                 num_stages=s)
+            for bm, bn, bk, w, s in tiles for ws, fl, ts, st in epilogues]
+
+
+def label(v: dict) -> str:
+    flags = [name for name in ("WS", "FLATTEN", "TMA_STORE", "SUBTILE") if v[name]]
+    return f"{v['BLOCK_M']}x{v['BLOCK_N']}x{v['BLOCK_K']} w{v['num_warps']} s{v['num_stages']} {'+'.join(flags)}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compile-budget", type=float, default=240.0, help="seconds of compiling before skipping the rest")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if INTERPRET:
+        device, num_sms = torch.device("cpu"), 2
+        shapes = [(48, 64, 80), (33, 96, 40)]  # MxKxN: partial tiles in M and N, several tiles per program
+    elif torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        device, num_sms = torch.device("cuda"), torch.cuda.get_device_properties(0).multi_processor_count
+        shapes = [(8192, 2048, 6144), (8192, 2560, 9728), (8192, 9728, 2560), (2048, 2048, 6144)]
+        _ensure_scratch_allocator()
+    else:
+        raise SystemExit("needs an sm_90+ GPU (TMA), or TRITON_INTERPRET=1 for the CPU correctness pass")
+    torch.manual_seed(0)
+    data = {}
+    for m, k, n in shapes:
+        a = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
+        b = torch.randint(-1, 2, (n, k), device=device, dtype=torch.int8)
+        a_scale = torch.rand(m, device=device) * 0.01
+        b_scale = torch.rand((), device=device)
+        data[(m, k, n)] = (a, b, a_scale, b_scale, ops.int8_matmul(a, b, a_scale, b_scale, out_dtype=torch.bfloat16,
+                                                                    tma=True))
+    started, usable, failures = time.time(), [], {}
+    for v in variants():  # compile and check on every shape first
+        if time.time() - started > args.compile_budget:
+            failures[label(v)] = "skipped: compile budget spent"
+            continue
+        try:
+            wrong = [s for s, (a, b, sa, sb, want) in data.items()
+                     if not torch.equal(run_variant(a, b, sa, sb, v, num_sms), want)]
+        except Exception as exc:  # a variant this Triton cannot compile
+            failures[label(v)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            continue
+        if wrong:
+            failures[label(v)] = f"differs from the shipped kernel at {wrong}"
+        else:
+            usable.append(v)
+    for name, why in failures.items():
+        print(f"not timed: {name}: {why}")
+    print(f"{len(usable)} variants equal the shipped kernel bit for bit on every shape", flush=True)
+    if INTERPRET:
+        return 1 if failures else 0
+    from triton.testing import do_bench
+
+    results = []
+    for shape, (a, b, sa, sb, _) in data.items():
+        m, k, n = shape
+        xb = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        row = {"shape": f"M={m} K={k} N={n}",
+               "shipped_us": do_bench(lambda: ops.int8_matmul(a, b, sa, sb, out_dtype=torch.bfloat16)) * 1e3,
+               "cublas_bf16_us": do_bench(lambda: xb @ wb.t()) * 1e3, "variants_us": {}}
+        for v in usable:
+            row["variants_us"][label(v)] = do_bench(lambda v=v: run_variant(a, b, sa, sb, v, num_sms)) * 1e3
+        results.append(row)
+        ops_ = 2 * m * n * k
+        print(f"\n{row['shape']}: shipped {row['shipped_us']:.1f} us ({ops_ / row['shipped_us'] / 1e6:.0f} TOP/s), "
+              f"cuBLAS bf16 {row['cublas_bf16_us']:.1f} us")
+        for name, t in sorted(row["variants_us"].items(), key=lambda kv: kv[1])[:8]:
+            print(f"  {t:8.1f} us {ops_ / t / 1e6:6.0f} TOP/s  {name}")
+    meta = {"device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "triton": triton.__version__}
+    out = write_results({"meta": meta, "not_timed": failures, "rows": results}, args.out, meta,
+                        "-int8-gemm-variants")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
