@@ -50,7 +50,7 @@ def gpu_us(step, calls: int = 10) -> tuple[float, float, dict[str, float]]:
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
@@ -71,14 +71,15 @@ def steps_for(tokens: int, k: int, n: int, device: torch.device = torch.device("
     nw = (torch.rand(k, device=device, dtype=dtype) + 0.5).requires_grad_()
     dy = torch.randn(tokens, n, device=device, dtype=dtype)
     plain_c = torch.compile(plain, dynamic=False)
-    ours_c = torch.compile(_ours_module(w, nw), dynamic=False)
+    compiled_module = _ours_module(w, nw)
+    ours_c = torch.compile(compiled_module, dynamic=False)
     cg_module = _ours_module(w, nw)
     ours_cg = torch.compile(cg_module, mode="reduce-overhead", dynamic=False)
     plain_module = _PlainLayer(w, nw)
     plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
     return {
         "ours": _fwd_bwd(lambda: ops.bitlinear(x, w, None, nw, EPS), (x, w, nw), dy),
-        "ours_compile": _fwd_bwd(lambda: ours_c(x), (x,), dy),
+        "ours_compile": _fwd_bwd(lambda: ours_c(x), (x, compiled_module.weight, compiled_module.subln.weight), dy),
         "ours_cudagraph": _fwd_bwd(lambda: ours_cg(x), (x, cg_module.weight, cg_module.subln.weight), dy, True),
         "plain_eager": _fwd_bwd(lambda: plain(x, nw, w), (x, w, nw), dy),
         "plain_compile": _fwd_bwd(lambda: plain_c(x, nw, w), (x, w, nw), dy),
