@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import write_results  # noqa: E402
-from bench.suites.bitlinear import EPS, _fwd_bwd, _ours_module, _PlainLayer, plain  # noqa: E402
+from bench.suites.bitlinear import plain, reference_bitlinear, training_inputs, training_steps  # noqa: E402
 
 
 def host_us(step, calls: int = 20) -> float:
@@ -61,31 +61,14 @@ def gpu_us(step, calls: int = 10) -> tuple[float, float, dict[str, float]]:
     return sum(by_name.values()), len(kernels) / calls, by_name
 
 
-def steps_for(tokens: int, k: int, n: int, device: torch.device = torch.device("cuda")) -> dict:
-    """The fwd+bwd step of each implementation, built as the bitlinear suite builds them."""
-    from bitkernels import ops
+PROFILED = ("ours", "ours_compile", "ours_cudagraph", "plain_eager", "plain_compile", "plain_cudagraph")
 
-    dtype = torch.bfloat16
-    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
-    w = (torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5).requires_grad_()
-    nw = (torch.rand(k, device=device, dtype=dtype) + 0.5).requires_grad_()
-    dy = torch.randn(tokens, n, device=device, dtype=dtype)
-    plain_c = torch.compile(plain, dynamic=False)
-    compiled_module = _ours_module(w, nw)
-    ours_c = torch.compile(compiled_module, dynamic=False)
-    cg_module = _ours_module(w, nw)
-    ours_cg = torch.compile(cg_module, mode="reduce-overhead", dynamic=False)
-    plain_module = _PlainLayer(w, nw)
-    plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
-    return {
-        "ours": _fwd_bwd(lambda: ops.bitlinear(x, w, None, nw, EPS), (x, w, nw), dy),
-        "ours_compile": _fwd_bwd(lambda: ours_c(x), (x, compiled_module.weight, compiled_module.subln.weight), dy),
-        "ours_cudagraph": _fwd_bwd(lambda: ours_cg(x), (x, cg_module.weight, cg_module.subln.weight), dy, True),
-        "plain_eager": _fwd_bwd(lambda: plain(x, nw, w), (x, w, nw), dy),
-        "plain_compile": _fwd_bwd(lambda: plain_c(x, nw, w), (x, w, nw), dy),
-        "plain_cudagraph": _fwd_bwd(lambda: plain_cg(x), (x, plain_module.weight, plain_module.norm_weight), dy,
-                                    True),
-    }
+
+def steps_for(tokens: int, k: int, n: int, device: torch.device = torch.device("cuda")) -> dict:
+    """The fwd+bwd step of each profiled implementation, built by the bitlinear suite's own builder."""
+    compiled = (torch.compile(plain, dynamic=False), torch.compile(reference_bitlinear, dynamic=False))  # lazy
+    steps = training_steps(*training_inputs(tokens, k, n, device), *compiled)[0]
+    return {name: steps[name] for name in PROFILED if name in steps}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:

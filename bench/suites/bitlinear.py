@@ -132,6 +132,49 @@ def _saved_bytes(fwd, x, device) -> int | None:
     return held
 
 
+def training_inputs(tokens: int, k: int, n: int, device: torch.device, dtype=torch.bfloat16):
+    """x [tokens, k], latent weight w [n, k], SubLN weight nw [k] (leaves that want grads) and the upstream gradient."""
+    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5).requires_grad_()
+    nw = (torch.rand(k, device=device, dtype=dtype) + 0.5).requires_grad_()
+    dy = torch.randn(tokens, n, device=device, dtype=dtype)
+    return x, w, nw, dy
+
+
+def training_steps(x, w, nw, dy, plain_c, ref_c):
+    """Each implementation's fwd+bwd step on the same tensors, as this suite and bench/profile_bitlinear_host.py time
+    them -> (steps, forwards, the BitLinear module the compiled `ours` wrap, {name: compiled module}). ``plain_c`` and
+    ``ref_c`` are torch.compile of `plain` and `reference_bitlinear` (made once, shared across shapes)."""
+    from bitkernels import ops
+
+    params = (x, w, nw)
+    fwds = {
+        "ours": lambda: ops.bitlinear(x, w, None, nw, EPS),
+        "ours_save_codes": lambda: ops.bitlinear(x, w, None, nw, EPS, save_input=False),
+        "plain_eager": lambda: plain(x, nw, w),
+        "plain_compile": lambda: plain_c(x, nw, w),
+        "ref_eager": lambda: reference_bitlinear(x, nw, w),
+        "ref_compile": lambda: ref_c(x, nw, w),
+    }
+    steps = {name: _fwd_bwd(f, params, dy) for name, f in fwds.items()}
+    # ours_compile / ours_cudagraph: a module over the same tensors, with its own parameter objects.
+    module = _ours_module(w, nw)
+    module_params = (x, module.weight, module.subln.weight)
+    compiled = {"ours_compile": torch.compile(module, dynamic=False)}
+    if x.device.type == "cuda":
+        compiled["ours_cudagraph"] = torch.compile(module, mode="reduce-overhead", dynamic=False)
+    for name, m in compiled.items():
+        fwds[name] = lambda m=m: m(x)
+        steps[name] = _fwd_bwd(fwds[name], module_params, dy, new_step=name == "ours_cudagraph")
+    if x.device.type == "cuda":  # like for like with ours_cudagraph: the same capture and input copies
+        plain_module = _PlainLayer(w, nw)
+        plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
+        fwds["plain_cudagraph"] = lambda: plain_cg(x)
+        steps["plain_cudagraph"] = _fwd_bwd(fwds["plain_cudagraph"], (x, plain_module.weight,
+                                                                       plain_module.norm_weight), dy, True)
+    return steps, fwds, module, compiled
+
+
 def cases(device: torch.device, quick: bool):
     from bitkernels import ops
 
@@ -146,35 +189,9 @@ def cases(device: torch.device, quick: bool):
     for tokens in tokens_list:
         for k, n in shapes:
             shape = f"M={tokens} K={k} N={n}"
-            x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
-            w = (torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5).requires_grad_()
-            nw = (torch.rand(k, device=device, dtype=dtype) + 0.5).requires_grad_()
-            dy = torch.randn(tokens, n, device=device, dtype=dtype)
-            params = (x, w, nw)
-            fwds = {
-                "ours": lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS),
-                "ours_save_codes": lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS, save_input=False),
-                "plain_eager": lambda x=x, w=w, nw=nw: plain(x, nw, w),
-                "plain_compile": lambda x=x, w=w, nw=nw: plain_c(x, nw, w),
-                "ref_eager": lambda x=x, w=w, nw=nw: reference_bitlinear(x, nw, w),
-                "ref_compile": lambda x=x, w=w, nw=nw: ref_c(x, nw, w),
-            }
+            x, w, nw, dy = training_inputs(tokens, k, n, device)
+            impls, fwds, module, compiled = training_steps(x, w, nw, dy, plain_c, ref_c)
             xd, wd, dyd = x.detach(), w.detach(), dy
-            impls = {name: _fwd_bwd(f, params, dy) for name, f in fwds.items()}
-            # ours_compile / ours_cudagraph: a module over the same tensors, with its own parameter objects.
-            module = _ours_module(w, nw)
-            module_params = (x, module.weight, module.subln.weight)
-            compiled = {"ours_compile": torch.compile(module, dynamic=False)}
-            if device.type == "cuda":
-                compiled["ours_cudagraph"] = torch.compile(module, mode="reduce-overhead", dynamic=False)
-            module_fwds = {name: (lambda x=x, m=m: m(x)) for name, m in compiled.items()}
-            impls.update({name: _fwd_bwd(f, module_params, dy, new_step=name == "ours_cudagraph")
-                          for name, f in module_fwds.items()})
-            if device.type == "cuda":  # like for like with ours_cudagraph: the same capture and input copies
-                plain_module = _PlainLayer(w, nw)
-                plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
-                impls["plain_cudagraph"] = _fwd_bwd(lambda x=x, m=plain_cg: m(x),
-                                                    (x, plain_module.weight, plain_module.norm_weight), dy, True)
             impls["floor_bf16_3gemm"] = lambda xd=xd, wd=wd, dyd=dyd: (xd @ wd.t(), dyd @ wd, dyd.t() @ xd)
             # The pieces of `ours`, timed alone: where its time goes.
             nwd = nw.detach()
@@ -192,7 +209,7 @@ def cases(device: torch.device, quick: bool):
                 "part_subln_bwd": lambda gh=gh, xd=xd, rstd=rstd, nwd=nwd: ops.rmsnorm_backward_and_dequantize(
                     gh, xd, nwd, rstd, 1e-5, dtype),
             })
-            saved_fwds = {**fwds, "ours_compile": module_fwds["ours_compile"]}  # CUDA graphs keep a static pool
+            saved_fwds = {name: f for name, f in fwds.items() if not name.endswith("_cudagraph")}  # static pools
             notes = {f"saved_MiB_{name}": (lambda b: None if b is None else round(b / 2 ** 20, 2))(
                 _saved_bytes(f, x, device)) for name, f in saved_fwds.items()}
             print(f"saved for backward, MiB, {shape}: {notes}", flush=True)
@@ -205,7 +222,7 @@ def cases(device: torch.device, quick: bool):
             codes, a_scale = ops.quantize_activations_int8(xd)
             w_codes, w_scale = ops.ternarize_absmean(wd)
             impls = {
-                "ours": lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS),
+                "ours": fwds["ours"],
                 "ours_cached_w": lambda x=x, w=w, nw=nw, c=cache: ops.bitlinear(x, w, None, nw, EPS, weight_cache=c),
                 "cublas_linear": lambda xd=xd, wd=wd: F.linear(xd, wd),
                 **{name: fwds[name] for name in ("plain_eager", "plain_compile", "ref_eager", "ref_compile")},
