@@ -104,12 +104,15 @@ def variants() -> list[dict]:
     else:  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shipped winners, and a 4th stage
         tiles = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
                  (128, 128, 256, 8, 3)]
-    # (WS, FLATTEN, TMA_STORE, SUBTILE), most promising first: the compile budget may cut the list short
-    epilogues = [(False, True, False, False), (True, True, False, False), (True, True, True, True),
-                 (False, True, True, True), (True, False, True, True), (False, True, True, False)]
+    # (WS, FLATTEN, TMA_STORE, SUBTILE), most promising first: the compile budget may cut the list short. Hopper's
+    # warp specialization takes unflattened loops (flatten=True with it is Blackwell-only in Triton's own benchmarks),
+    # so its variants come unflattened first; the flattened ones show whether this Triton rejects or ignores them.
+    epilogues = [(False, True, False, False), (True, False, False, False), (True, False, True, False),
+                 (True, False, True, True), (False, True, True, True), (True, True, False, False),
+                 (False, True, True, False)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, FLATTEN=fl, TMA_STORE=ts, SUBTILE=st, num_warps=w,
                  num_stages=s)
-            for bm, bn, bk, w, s in tiles for ws, fl, ts, st in epilogues]
+            for ws, fl, ts, st in epilogues for bm, bn, bk, w, s in tiles]
 
 
 def label(v: dict) -> str:
