@@ -43,8 +43,10 @@ def test_bitlinear_steps_recompute_not_accumulate_gradients():
 
     torch.manual_seed(0)
     x, w, nw, dy = bitlinear.training_inputs(16, 64, 96, torch.device("cpu"))
-    steps, _, module, _ = bitlinear.training_steps(x, w, nw, dy, bitlinear.plain, bitlinear.reference_bitlinear)
+    steps, fwds, module, _ = bitlinear.training_steps(x, w, nw, dy, bitlinear.plain, bitlinear.reference_bitlinear)
     assert {"ours", "ours_compile", "plain_eager", "plain_compile"} <= set(steps)
+    for name in ("ours", "ours_compile", "plain_eager"):  # the memory probe calls each forward on a fresh input x=
+        assert fwds[name](x=x * 1.0).shape == (16, 96)
     grads = {}
     for name in ("ours", "ours_compile"):
         params = (x, module.weight, module.subln.weight) if name == "ours_compile" else (x, w, nw)

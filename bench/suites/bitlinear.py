@@ -149,12 +149,12 @@ def training_steps(x, w, nw, dy, plain_c, ref_c):
 
     params = (x, w, nw)
     fwds = {
-        "ours": lambda: ops.bitlinear(x, w, None, nw, EPS),
-        "ours_save_codes": lambda: ops.bitlinear(x, w, None, nw, EPS, save_input=False),
-        "plain_eager": lambda: plain(x, nw, w),
-        "plain_compile": lambda: plain_c(x, nw, w),
-        "ref_eager": lambda: reference_bitlinear(x, nw, w),
-        "ref_compile": lambda: ref_c(x, nw, w),
+        "ours": lambda x=x: ops.bitlinear(x, w, None, nw, EPS),
+        "ours_save_codes": lambda x=x: ops.bitlinear(x, w, None, nw, EPS, save_input=False),
+        "plain_eager": lambda x=x: plain(x, nw, w),
+        "plain_compile": lambda x=x: plain_c(x, nw, w),
+        "ref_eager": lambda x=x: reference_bitlinear(x, nw, w),
+        "ref_compile": lambda x=x: ref_c(x, nw, w),
     }
     steps = {name: _fwd_bwd(f, params, dy) for name, f in fwds.items()}
     # ours_compile / ours_cudagraph: a module over the same tensors, with its own parameter objects.
@@ -164,12 +164,12 @@ def training_steps(x, w, nw, dy, plain_c, ref_c):
     if x.device.type == "cuda":
         compiled["ours_cudagraph"] = torch.compile(module, mode="reduce-overhead", dynamic=False)
     for name, m in compiled.items():
-        fwds[name] = lambda m=m: m(x)
+        fwds[name] = lambda x=x, m=m: m(x)
         steps[name] = _fwd_bwd(fwds[name], module_params, dy, new_step=name == "ours_cudagraph")
     if x.device.type == "cuda":  # like for like with ours_cudagraph: the same capture and input copies
         plain_module = _PlainLayer(w, nw)
         plain_cg = torch.compile(plain_module, mode="reduce-overhead", dynamic=False)
-        fwds["plain_cudagraph"] = lambda: plain_cg(x)
+        fwds["plain_cudagraph"] = lambda x=x: plain_cg(x)
         steps["plain_cudagraph"] = _fwd_bwd(fwds["plain_cudagraph"], (x, plain_module.weight,
                                                                        plain_module.norm_weight), dy, True)
     return steps, fwds, module, compiled
