@@ -3,6 +3,11 @@ epilogue split in two column halves. An experiment for what to ship next, not a 
 
     python bench/sweep_int8_gemm.py [--compile-budget 240] [--out path.json]     # GPU: check and time
     TRITON_INTERPRET=1 python bench/sweep_int8_gemm.py                           # CPU: check only, tiny shapes
+    python bench/sweep_int8_gemm.py --baseline old_int8_matmul.py                # also an earlier int8_matmul.py
+
+``--baseline``: a copy of an earlier ``bitkernels/ops/int8_matmul.py`` (``git show REV:bitkernels/ops/int8_matmul.py
+> old.py``; the device machine gets no git history), checked bit for bit against the shipped kernel (with and without
+bias) and timed beside it in the same process: the A/B for a change to the shipped kernel or its configs.
 
 Why these: after v10 the int8 GEMM runs at 1.2-1.5x cuBLAS bf16 against a 2x ratio of peaks (bench/notes/bitlinear.md
 "v11"). The shipped kernel is persistent with its tile and K loops flattened, so the next tile's loads overlap this
@@ -35,6 +40,32 @@ from bench.harness import write_results  # noqa: E402
 from bitkernels import ops  # noqa: E402
 from bitkernels.ops._common import cast_to  # noqa: E402
 from bitkernels.ops.int8_matmul import _ensure_scratch_allocator, _scale_and_store, _tile_ids  # noqa: E402
+
+
+def load_baseline(path: str):
+    """An earlier int8_matmul.py as a module of this package (its relative imports resolve to today's helpers)."""
+    import importlib.util
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise SystemExit(f"--baseline: no file {path} (write one with git show REV:bitkernels/ops/int8_matmul.py)")
+    spec = importlib.util.spec_from_file_location("bitkernels.ops._int8_matmul_baseline", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def baseline_differs(baseline, a, b, a_scale, b_scale) -> list[str]:
+    """Where the baseline's int8_matmul differs from the shipped one (per-tensor scale, without and with a bias)."""
+    bias = torch.randn(b.shape[0], device=a.device, dtype=torch.bfloat16)
+    wrong = []
+    for name, extra in (("no bias", ()), ("bias", (bias,))):
+        want = ops.int8_matmul(a, b, a_scale, b_scale, *extra, out_dtype=torch.bfloat16, tma=True)
+        if not torch.equal(baseline.int8_matmul(a, b, a_scale, b_scale, *extra, out_dtype=torch.bfloat16, tma=True),
+                           want):
+            wrong.append(name)
+    return wrong
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -124,7 +155,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compile-budget", type=float, default=240.0, help="seconds of compiling before skipping the rest")
     p.add_argument("--out", default=None)
+    p.add_argument("--baseline", default=None, help="an earlier bitkernels/ops/int8_matmul.py to check and time too")
     args = p.parse_args(argv)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     if INTERPRET:
         device, num_sms = torch.device("cpu"), 2
         shapes = [(48, 64, 80), (33, 96, 40)]  # MxKxN: partial tiles in M and N, several tiles per program
@@ -158,6 +191,13 @@ def main(argv=None) -> int:
             failures[label(v)] = f"differs from the shipped kernel at {wrong}"
         else:
             usable.append(v)
+    if baseline is not None:
+        for shape, (a, b, sa, sb, _) in data.items():
+            wrong = baseline_differs(baseline, a, b, sa, sb)
+            if wrong:
+                failures[f"baseline at {shape}"] = f"differs from the shipped kernel ({', '.join(wrong)})"
+        if any(name.startswith("baseline") for name in failures):
+            baseline = None  # an A/B of kernels that compute different things would mean nothing
     for name, why in failures.items():
         print(f"not timed: {name}: {why}")
     print(f"{len(usable)} variants equal the shipped kernel bit for bit on every shape", flush=True)
@@ -173,12 +213,15 @@ def main(argv=None) -> int:
         row = {"shape": f"M={m} K={k} N={n}",
                "shipped_us": do_bench(lambda: ops.int8_matmul(a, b, sa, sb, out_dtype=torch.bfloat16)) * 1e3,
                "cublas_bf16_us": do_bench(lambda: xb @ wb.t()) * 1e3, "variants_us": {}}
+        if baseline is not None:
+            row["baseline_us"] = do_bench(lambda: baseline.int8_matmul(a, b, sa, sb, out_dtype=torch.bfloat16)) * 1e3
         for v in usable:
             row["variants_us"][label(v)] = do_bench(lambda v=v: run_variant(a, b, sa, sb, v, num_sms)) * 1e3
         results.append(row)
         ops_ = 2 * m * n * k
         print(f"\n{row['shape']}: shipped {row['shipped_us']:.1f} us ({ops_ / row['shipped_us'] / 1e6:.0f} TOP/s), "
-              f"cuBLAS bf16 {row['cublas_bf16_us']:.1f} us")
+              f"cuBLAS bf16 {row['cublas_bf16_us']:.1f} us"
+              + (f", baseline {row['baseline_us']:.1f} us" if baseline is not None else ""))
         for name, t in sorted(row["variants_us"].items(), key=lambda kv: kv[1])[:8]:
             print(f"  {t:8.1f} us {ops_ / t / 1e6:6.0f} TOP/s  {name}")
     meta = {"device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),

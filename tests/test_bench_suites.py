@@ -28,6 +28,29 @@ def test_int8_gemm_variant_sweep_checks_against_the_shipped_kernel():
     assert sweep_int8_gemm.main([]) == 0
 
 
+def test_int8_gemm_sweep_baseline_is_checked_bit_for_bit(tmp_path):
+    # --baseline (an earlier int8_matmul.py, the A/B of a change to the shipped kernel) is timed only when it computes
+    # the same bits as the shipped kernel: a copy passes, a copy whose epilogue subtracts the bias fails.
+    import os
+    import pathlib
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU pass of the sweep runs in Triton's interpreter")
+    from bench import sweep_int8_gemm
+
+    source = (pathlib.Path(sweep_int8_gemm.__file__).parents[1] / "bitkernels" / "ops" / "int8_matmul.py").read_text()
+    same, wrong = tmp_path / "same.py", tmp_path / "wrong.py"
+    same.write_text(source)
+    assert source.count("y += tl.load(bias_ptr") == 1
+    wrong.write_text(source.replace("y += tl.load(bias_ptr", "y -= tl.load(bias_ptr"))
+    assert sweep_int8_gemm.main(["--baseline", str(same)]) == 0
+    assert sweep_int8_gemm.main(["--baseline", str(wrong)]) == 1
+    with pytest.raises(SystemExit, match="no file"):
+        sweep_int8_gemm.main(["--baseline", str(tmp_path / "missing.py")])
+
+
 def test_bitlinear_steps_recompute_not_accumulate_gradients():
     # What the bitlinear suite and bench/profile_bitlinear_host.py time as one training step: a forward + backward
     # that leaves each parameter's gradient of this step alone (a step that accumulated would time an extra add
