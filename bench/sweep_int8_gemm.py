@@ -67,6 +67,7 @@ def baseline_differs(baseline, a, b, a_scale, b_scale) -> list[str]:
             wrong.append(name)
     return wrong
 
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
