@@ -75,9 +75,10 @@ def _tile_ids(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
-                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # int32 -> fp32 (exact below 2**24, i.e. |sum| < 127 * K for K < 132k), both scales, bias, one rounding.
+def _scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, PER_CHANNEL: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    # int32 -> fp32 (exact below 2**24, i.e. |sum| < 127 * K for K < 132k), both scales, bias: the epilogue's
+    # arithmetic in fp32, before its one rounding to the output dtype.
     m_mask = offs_m < M
     n_mask = offs_n < N
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
@@ -88,8 +89,15 @@ def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, off
         y = acc.to(tl.float32) * (a_scale * tl.load(b_scale_ptr))[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = _scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, PER_CHANNEL, HAS_BIAS)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, cast_to(y, c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(c_ptrs, cast_to(y, c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.autotune(configs=_POINTER_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
