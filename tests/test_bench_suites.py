@@ -1,6 +1,16 @@
 """Benchmark helpers: what they time must be what they say (variants take effect, swept kernels are correct)."""
+import os
+import pathlib
+
+import pytest
+import torch
+
 from bench.suites import quant
 from bitkernels.ops import _common
+
+# The sweep's CPU pass and the timed BitLinear steps run their Triton kernels in Triton's interpreter.
+interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="runs the Triton kernels on the CPU in Triton's interpreter")
 
 
 def test_quant_suite_tiling_variants_take_effect():
@@ -14,30 +24,19 @@ def test_quant_suite_tiling_variants_take_effect():
     assert _common.row_tiling(9728) == shipped  # settings and cache restored
 
 
+@interpreter_only
 def test_int8_gemm_variant_sweep_checks_against_the_shipped_kernel():
     # The sweep's CPU pass (interpreter): every epilogue / loop variant equals the shipped int8_matmul bit for bit,
     # so a GPU run times only correct kernels; it returns nonzero when one differs or fails to compile.
-    import os
-
-    import pytest
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the CPU pass of the sweep runs in Triton's interpreter")
     from bench import sweep_int8_gemm
 
     assert sweep_int8_gemm.main([]) == 0
 
 
+@interpreter_only
 def test_int8_gemm_sweep_baseline_is_checked_bit_for_bit(tmp_path):
     # --baseline (an earlier int8_matmul.py, the A/B of a change to the shipped kernel) is timed only when it computes
     # the same bits as the shipped kernel: a copy passes, a copy whose epilogue subtracts the bias fails.
-    import os
-    import pathlib
-
-    import pytest
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the CPU pass of the sweep runs in Triton's interpreter")
     from bench import sweep_int8_gemm
 
     source = (pathlib.Path(sweep_int8_gemm.__file__).parents[1] / "bitkernels" / "ops" / "int8_matmul.py").read_text()
@@ -51,17 +50,11 @@ def test_int8_gemm_sweep_baseline_is_checked_bit_for_bit(tmp_path):
         sweep_int8_gemm.main(["--baseline", str(tmp_path / "missing.py")])
 
 
+@interpreter_only
 def test_bitlinear_steps_recompute_not_accumulate_gradients():
     # What the bitlinear suite and bench/profile_bitlinear_host.py time as one training step: a forward + backward
     # that leaves each parameter's gradient of this step alone (a step that accumulated would time an extra add
     # kernel), and the same gradients from ours eager and ours under torch.compile.
-    import os
-
-    import pytest
-    import torch
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on the CPU in Triton's interpreter")
     from bench.suites import bitlinear
 
     torch.manual_seed(0)
