@@ -30,6 +30,17 @@ class Case:
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """A ``--shapes`` argument, "8192x2048x6144,2048x1024x3072" (tokens x in x out), as (M, K, N) tuples."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--shapes: {item!r} is not TOKENSxINxOUT (positive integers, e.g. 8192x2048x6144)")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
 def write_results(payload: dict, out: str | None, meta: dict, suffix: str = "") -> pathlib.Path:
     """Write ``payload`` as JSON to ``out``, or by default to bench/results/<device>-<date><suffix>.json; through a
     temporary file, so an interrupted run leaves no half-written result."""

@@ -27,7 +27,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import write_results  # noqa: E402
+from bench.harness import parse_shapes, write_results  # noqa: E402
 from bench.suites.bitlinear import plain, reference_bitlinear, training_inputs, training_steps  # noqa: E402
 
 
@@ -69,16 +69,6 @@ def steps_for(tokens: int, k: int, n: int, device: torch.device = torch.device("
     compiled = (torch.compile(plain, dynamic=False), torch.compile(reference_bitlinear, dynamic=False))  # lazy
     steps = training_steps(*training_inputs(tokens, k, n, device), *compiled)[0]
     return {name: steps[name] for name in PROFILED if name in steps}
-
-
-def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    shapes = []
-    for item in text.split(","):
-        parts = item.lower().split("x")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise SystemExit(f"--shapes: {item!r} is not TOKENSxINxOUT (positive integers, e.g. 8192x2048x6144)")
-        shapes.append(tuple(int(p) for p in parts))
-    return shapes
 
 
 def main(argv=None) -> int:

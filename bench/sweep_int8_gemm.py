@@ -4,6 +4,7 @@ epilogue split in two column halves. An experiment for what to ship next, not a 
     python bench/sweep_int8_gemm.py [--compile-budget 240] [--out path.json]     # GPU: check and time
     TRITON_INTERPRET=1 python bench/sweep_int8_gemm.py                           # CPU: check only, tiny shapes
     python bench/sweep_int8_gemm.py --baseline old_int8_matmul.py                # also an earlier int8_matmul.py
+    python bench/sweep_int8_gemm.py --shapes 8192x1024x3072 --compile-budget 0   # other shapes; no variants
 
 ``--baseline``: a copy of an earlier ``bitkernels/ops/int8_matmul.py`` (``git show REV:bitkernels/ops/int8_matmul.py
 > old.py``; the device machine gets no git history), checked bit for bit against the shipped kernel (with and without
@@ -18,7 +19,8 @@ registers with an output tile staged beside the pipeline (which keeps out 4-stag
     TMA_STORE  the epilogue stores through a tensor descriptor (asynchronous copy engine)
     SUBTILE    the epilogue in two BLOCK_N/2 halves: half the staging buffer, room for a 4th stage
 Every variant must equal the shipped kernel bit for bit (same epilogue arithmetic) before it is timed; a variant
-that fails to compile is reported and skipped.
+that fails to compile is reported and skipped. Since v13 the shipped kernel itself tunes over the 4-stage tiles and the
+two-half TMA-store epilogue (bench/notes/bitlinear.md), so "shipped" already includes what this sweep found.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import triton.language as tl
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import write_results  # noqa: E402
+from bench.harness import parse_shapes, write_results  # noqa: E402
 from bitkernels import ops  # noqa: E402
 from bitkernels.ops._common import cast_to  # noqa: E402
 from bitkernels.ops.int8_matmul import _ensure_scratch_allocator, _scale_and_store, _scaled, _tile_ids  # noqa: E402
@@ -155,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-budget", type=float, default=240.0, help="seconds of compiling before skipping the rest")
     p.add_argument("--out", default=None)
     p.add_argument("--baseline", default=None, help="an earlier bitkernels/ops/int8_matmul.py to check and time too")
+    p.add_argument("--shapes", default="8192x2048x6144,8192x2560x9728,8192x9728x2560,2048x2048x6144",
+                   help="GPU shapes, MxKxN (tokens x in x out), comma-separated")
     args = p.parse_args(argv)
     baseline = load_baseline(args.baseline) if args.baseline else None
     if INTERPRET:
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
         shapes = [(48, 64, 80), (33, 96, 40)]  # MxKxN: partial tiles in M and N, several tiles per program
     elif torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
         device, num_sms = torch.device("cuda"), torch.cuda.get_device_properties(0).multi_processor_count
-        shapes = [(8192, 2048, 6144), (8192, 2560, 9728), (8192, 9728, 2560), (2048, 2048, 6144)]
+        shapes = parse_shapes(args.shapes)
         _ensure_scratch_allocator()
     else:
         raise SystemExit("needs an sm_90+ GPU (TMA), or TRITON_INTERPRET=1 for the CPU correctness pass")

@@ -24,17 +24,22 @@ except ImportError:  # pragma: no cover - depends on the Triton version
     _allocation, HAS_DEVICE_TMA = None, False
 
 
-def _configs(hopper_like: list[tuple], interpreter_config: dict) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PERSISTENT]) tuples."""
+def config_list(tiles: list[tuple]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PERSISTENT[, TMA_STORE]]) tuples."""
+    configs = []
+    for bm, bn, bk, warps, stages, *tma_flags in tiles:
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        meta.update(zip(("PERSISTENT", "TMA_STORE"), tma_flags))
+        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _configs(tiles: list[tuple], interpreter_config: dict) -> list[triton.Config]:
+    """The autotuner's configs: every tile, the first alone (the untuned default) under BITKERNELS_AUTOTUNE=0."""
     if triton_interpreter_enabled():  # the interpreter runs every config it is given: one small one keeps CPU tests fast
         return [triton.Config(interpreter_config, num_warps=4, num_stages=1)]
-    configs = []
-    for bm, bn, bk, warps, stages, *persistent in hopper_like:
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-        if persistent:
-            meta["PERSISTENT"] = persistent[0]
-        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return configs if AUTOTUNE else configs[:1]  # the first is the untuned default
+    configs = config_list(tiles)
+    return configs if AUTOTUNE else configs[:1]
 
 
 # Pointer kernel (any GPU, any strides). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x256 / 256x128 tiles
@@ -47,15 +52,31 @@ _POINTER_CONFIGS = _configs([
 ], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT), from a 38-variant sweep on
-# the H100 (2026-11-23, bench/notes/bitlinear.md "v6"). Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K bytes of
-# operand tiles plus the output tile staged for the epilogue's stores, which does not reuse the pipeline's buffers
-# here: 4-stage 256x128 tiles need 262176 bytes with a 16-bit output (H100 limit 232448), so only these fit. The
-# first is the untuned default (BITKERNELS_AUTOTUNE=0): it must fit. A float32 output fits none (tma_output_ok).
-_TMA_CONFIGS = _configs([
-    (128, 256, 128, 8, 3, True), (256, 128, 128, 8, 3, True), (128, 128, 256, 8, 3, True),
-    (128, 128, 256, 8, 3, False),
-], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True})
+# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT, TMA_STORE): the 3-stage tiles
+# from a 38-variant sweep on the H100 (2026-11-23, bench/notes/bitlinear.md "v6"), the 4-stage ones from
+# bench/sweep_int8_gemm.py (H200 and H100, 2026-12-05, notes "v12"/"v13": 2-6% faster at 8192 tokens), also with the
+# output stored through a descriptor in two column halves (TMA_STORE; in that sweep 5% faster than the same tile
+# storing through pointers at K=1024, 2% at K=2048, within 1% at K=2560 and 9728: the autotuner picks per shape).
+# Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K bytes of operand tiles (4 x 48 KiB at 128x256x128) plus what
+# the epilogue stages (a whole tile staged for a TMA store beside 4 stages needs 262176 bytes of 232448; so does
+# 256x128x128 at 4 stages storing through pointers when N is not a multiple of 16); configs that do not fit fail to
+# compile and the autotuner drops them. The first is the untuned default (BITKERNELS_AUTOTUNE=0):
+# it must fit and store through pointers (any output row alignment). A float32 output fits none (tma_output_ok).
+TMA_TILES = [
+    (128, 256, 128, 8, 3, True, False), (256, 128, 128, 8, 3, True, False), (128, 256, 128, 8, 4, True, False),
+    (256, 128, 128, 8, 4, True, False), (128, 256, 128, 8, 4, True, True), (256, 128, 128, 8, 4, True, True),
+    (128, 128, 256, 8, 3, True, False), (128, 128, 256, 8, 3, False, False),
+]
+_TMA_CONFIGS = _configs(TMA_TILES, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
+                                    "TMA_STORE": False})
+
+
+def _prune_tma_store(configs, named_args, **kwargs):
+    # A descriptor store needs 16-byte aligned output rows (N a multiple of 8 at 16 bits); other outputs keep the
+    # pointer-store configs. N is in the tuning key, so each key prunes the same way every call.
+    c = named_args["c_ptr"]
+    aligned = (named_args["stride_cm"] * c.element_size()) % 16 == 0 and c.data_ptr() % 16 == 0
+    return [cfg for cfg in configs if aligned or not cfg.kwargs.get("TMA_STORE", False)]
 
 
 def _bucket(m: int) -> int:
@@ -128,13 +149,14 @@ def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                      PER_CHANNEL, HAS_BIAS)
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
+@triton.autotune(configs=_TMA_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune_tma_store})
 @triton.jit
 def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_KEY,
                             stride_am, stride_bn, stride_cm, stride_cn, NUM_SMS: tl.constexpr,
                             PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+                            GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr):
     # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. The
     # descriptors are built here, on the device, in the launch's scratch memory: host descriptors, which Triton's
     # launcher encodes on every call, cost ~20 us more host time a call on the H100 host for the same GPU time. A
@@ -142,22 +164,39 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
     # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel.
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    if TMA_STORE:  # in two column halves: half a tile of staging, which is what lets a 4th stage fit beside it
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, HALF_N])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         step = NUM_SMS
     else:  # one tile per program
         step = num_tiles
+    # The epilogue finds its tile from a second counter rather than keeping the offsets from before the K loop across
+    # the flattened loop's pipeline, as the sweep's kernel does (bench/sweep_int8_gemm.py), where the 4-stage tiles
+    # were measured.
+    tile_id_c = tl.program_id(0) - step
     for tile_id in tl.range(tl.program_id(0), num_tiles, step, flatten=True):
         pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a = a_desc.load([off_m, k * BLOCK_K])
-            b = b_desc.load([off_n, k * BLOCK_K])
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, off_m + tl.arange(0, BLOCK_M),
-                         off_n + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
+        tile_id_c += step
+        pid_m, pid_n = _tile_ids(tile_id_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if TMA_STORE:  # the same arithmetic per half; the copy engine clips rows and columns past M and N
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
+            offs_n = pid_n * BLOCK_N + tl.arange(0, HALF_N)
+            y0 = _scaled(acc0, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, PER_CHANNEL, HAS_BIAS)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], cast_to(y0, c_ptr.dtype.element_ty))
+            y1 = _scaled(acc1, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n + HALF_N, M, N, PER_CHANNEL,
+                         HAS_BIAS)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF_N], cast_to(y1, c_ptr.dtype.element_ty))
+        else:
+            _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m,
+                             pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
 
 
 _TUNED: dict[tuple, tuple[dict, dict]] = {}  # key -> the chosen config's (kwargs, kwargs with launch options)
@@ -206,8 +245,11 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
 # The TMA kernel's GPU time is 5-10% lower (H100), but its launch costs ~10 us more host time than the pointer
 # kernel's (the scratch allocation for its device-side descriptors; host descriptors had cost ~30 us: median of 9
 # GEMM shapes, one process, 2026-11-23, bench/notes/bitlinear.md "v9"): it pays where the GEMM's GPU time hides that,
-# ~2**35 multiply-adds (~70 us at 1000 TOP/s) and up. (Not switched on during CUDA-graph capture: the captured call
-# would then take a kernel and tuning key its eager warm-up never tuned, and autotuning inside a capture breaks it.)
+# ~2**35 multiply-adds (~70 us at 1000 TOP/s) and up. Checked again with the descriptor-store configs (H100,
+# 2026-12-05, notes "v13"): at 2**34.6 (8192x1024x3072, 2048x2048x6144) TMA saved 7 and 4 us of GPU time but cost
+# 20-40 us more host time, and rows that small are host-bound. (Not switched on during CUDA-graph capture: the
+# captured call would then take a kernel and tuning key its eager warm-up never tuned, and autotuning inside a
+# capture breaks it.)
 TMA_MIN_MACS = 2 ** 35
 
 
