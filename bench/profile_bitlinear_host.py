@@ -1,6 +1,7 @@
 """Is a BitLinear row host-bound? Per fwd+bwd step: the bench's time, host time, and GPU kernel time, side by side.
 
     python bench/profile_bitlinear_host.py [--shapes 8192x2048x6144,8192x1024x3072] [--out path.json]
+    python bench/profile_bitlinear_host.py --pieces [--shapes 8192x2048x6144]     # host time of each piece of `ours`
 
 For each shape (tokens x in x out) and implementation of the bitlinear suite (ours eager, ours under torch.compile
 default and reduce-overhead modes, plain RMSNorm + nn.Linear eager / compiled / CUDA graphs), three numbers per
@@ -10,7 +11,10 @@ step, in microseconds:
              and launch cost alone; a step whose host time is above its GPU time is host-bound
     gpu      the sum of the step's kernel durations from the profiler (no flush): what the step costs the GPU
 The ratio of two implementations' `gpu` columns is what the comparison would read on a host fast enough to keep the
-GPU fed. CUDA only. Writes JSON with the device and date (default bench/results/<device>-<date>-host-profile.json).
+GPU fed. ``--pieces`` instead splits the host time of `ours`' step: forward, backward through autograd and the same
+backward work called directly (on this thread and on another, as autograd's device thread runs it), what the engine
+costs for a do-nothing Python node, and each op of the step alone, next to plain eager's forward and backward. CUDA
+only. Writes JSON with the device and date (default bench/results/<device>-<date>-host-profile.json).
 """
 from __future__ import annotations
 
@@ -28,14 +32,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import parse_shapes, write_results  # noqa: E402
-from bench.suites.bitlinear import plain, reference_bitlinear, training_inputs, training_steps  # noqa: E402
+from bench.suites.bitlinear import EPS, plain, reference_bitlinear, training_inputs, training_steps  # noqa: E402
+from bitkernels.reference.quantization import ACT_EPS  # noqa: E402
 
 
-def host_us(step, calls: int = 20) -> float:
+def host_us(step, calls: int = 20, sleep_cycles: int = int(2e9)) -> float:
     """Host time per step with the GPU kept busy ahead of it, so no launch waits for the GPU to drain."""
     step()
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU clock cycles: longer than the calls take to issue
+    torch.cuda._sleep(sleep_cycles)  # default ~1 s of GPU clock cycles: longer than the calls take to issue
     t0 = time.perf_counter()
     for _ in range(calls):
         step()
@@ -71,10 +76,103 @@ def steps_for(tokens: int, k: int, n: int, device: torch.device = torch.device("
     return {name: steps[name] for name in PROFILED if name in steps}
 
 
+class _PassThrough(torch.autograd.Function):
+    """A Python autograd node that does nothing in its backward: the engine's own cost per backward call."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _on_another_thread(fn):
+    """``fn`` run on a fresh thread (autograd runs CUDA backward nodes on its device thread, not the caller's)."""
+    import threading
+
+    def run():
+        thread = threading.Thread(target=fn)
+        thread.start()
+        thread.join()
+    return run
+
+
+def _threaded_host_us(fn, calls: int = 20) -> float:
+    """host_us of ``calls`` calls of ``fn`` made on one other thread (the thread's start and join included once)."""
+    def batch():
+        for _ in range(calls):
+            fn()
+    return host_us(_on_another_thread(batch), calls=1, sleep_cycles=int(4e8)) / calls
+
+
+def piece_steps(tokens: int, k: int, n: int, device: torch.device = torch.device("cuda")) -> dict:
+    """What `ours`' step is made of, each callable alone (inputs prepared once), with plain eager's halves."""
+    import importlib
+
+    from bitkernels import ops
+
+    impl = importlib.import_module("bitkernels.ops.bitlinear")
+    x, w, nw, dy = training_inputs(tokens, k, n, device)
+    xd, wd, nwd = x.detach(), w.detach(), nw.detach()
+    wc, ws = ops.ternarize_absmean(wd)
+    xc, xs, rstd = ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, ACT_EPS)
+    gh = ops.bitlinear_grad_input(dy, wc, ws)
+    xq = ops.dequantize_int8(xc, xs, dy.dtype)
+    y_ours, y_plain, y_pass = ops.bitlinear(x, w, None, nw, EPS), plain(x, nw, w), _PassThrough.apply(x)
+    params = (x, w, nw)
+
+    def backward_work():
+        return impl.bitlinear_backward_impl(dy, xd, None, None, rstd, wc, ws, nwd, EPS, ACT_EPS, xd.dtype, wd.dtype,
+                                            wd.dtype, True, True, False)
+
+    return {
+        "ours forward": lambda: ops.bitlinear(x, w, None, nw, EPS),
+        "plain_eager forward": lambda: plain(x, nw, w),
+        "ours backward (autograd)": lambda: torch.autograd.grad(y_ours, params, dy, retain_graph=True),
+        "plain_eager backward (autograd)": lambda: torch.autograd.grad(y_plain, params, dy, retain_graph=True),
+        "ours backward work, direct": backward_work,
+        "ours backward work, direct, other thread": ("thread", backward_work),
+        "engine: do-nothing Python node": lambda: torch.autograd.grad(y_pass, x, xd, retain_graph=True),
+        "ternarize_absmean": lambda: ops.ternarize_absmean(wd),
+        "rmsnorm_quantize_int8_forward": lambda: ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, ACT_EPS),
+        "int8_matmul": lambda: ops.int8_matmul(xc, wc, xs, ws, out_dtype=dy.dtype),
+        "dequantize_int8 (weight)": lambda: ops.dequantize_int8(wc, ws, dy.dtype),
+        "bitlinear_grad_input (dequantize + mm)": lambda: ops.bitlinear_grad_input(dy, wc, ws),
+        "rmsnorm_backward_and_dequantize": lambda: ops.rmsnorm_backward_and_dequantize(gh, xd, nwd, rstd, ACT_EPS,
+                                                                                       dy.dtype),
+        "bitlinear_grad_weight (mm)": lambda: ops.bitlinear_grad_weight(dy, xq, wd.dtype),
+        "torch.empty": lambda: torch.empty(16, device=device),
+    }
+
+
+def profile_pieces(shapes, repeats: int) -> list[dict]:
+    rows = []
+    for tokens, k, n in shapes:
+        torch.manual_seed(0)
+        pieces = piece_steps(tokens, k, n)
+        samples = {name: [] for name in pieces}
+        for _ in range(repeats):
+            for name, fn in pieces.items():
+                if isinstance(fn, tuple):
+                    samples[name].append(_threaded_host_us(fn[1]))
+                else:
+                    samples[name].append(host_us(fn, sleep_cycles=int(4e8)))
+        shape = f"M={tokens} K={k} N={n}"
+        print(f"\n{shape}: host us per call, GPU kept busy (each pass)")
+        for name, values in samples.items():
+            rows.append({"shape": shape, "piece": name, "host_us": values})
+            print(f"  {name:42s} " + " / ".join(f"{v:7.1f}" for v in values), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="8192x2048x6144,8192x1024x3072,2048x2048x6144")
+    p.add_argument("--shapes", default=None, help="TOKENSxINxOUT list (default: 8192x2048x6144,8192x1024x3072,"
+                   "2048x2048x6144; with --pieces 8192x2048x6144)")
     p.add_argument("--repeats", type=int, default=2, help="alternating passes over the implementations")
+    p.add_argument("--pieces", action="store_true", help="host time of each piece of ours' step instead")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -86,8 +184,13 @@ def main(argv=None) -> int:
     meta = {"device": device_name, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
             "torch": torch.__version__, "triton": __import__("triton").__version__}
     print(json.dumps(meta), flush=True)
+    if args.pieces:
+        rows = profile_pieces(parse_shapes(args.shapes or "8192x2048x6144"), max(args.repeats, 3))
+        out = write_results({"meta": meta, "rows": rows}, args.out, meta, "-host-pieces")
+        print(f"\nwrote {out}")
+        return 0
     rows = []
-    for tokens, k, n in parse_shapes(args.shapes):
+    for tokens, k, n in parse_shapes(args.shapes or "8192x2048x6144,8192x1024x3072,2048x2048x6144"):
         torch.manual_seed(0)
         steps = steps_for(tokens, k, n)
         for step in steps.values():  # compile, autotune, record the CUDA graphs

@@ -74,3 +74,20 @@ def test_bitlinear_steps_recompute_not_accumulate_gradients():
             torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
     for g_compiled, g_eager in zip(grads["ours_compile"], grads["ours"]):
         torch.testing.assert_close(g_compiled, g_eager, rtol=1e-2, atol=1e-2)
+
+
+@interpreter_only
+def test_host_pieces_time_the_work_of_ours_backward():
+    # bench/profile_bitlinear_host.py --pieces sets "ours backward work, direct" beside the autograd backward: it must
+    # be the same work (the same gradients), and every piece must run.
+    from bench import profile_bitlinear_host
+
+    torch.manual_seed(0)
+    pieces = profile_bitlinear_host.piece_steps(16, 64, 96, torch.device("cpu"))
+    for fn in pieces.values():
+        (fn[1] if isinstance(fn, tuple) else fn)()
+    grad_x, grad_w, grad_b, grad_nw = pieces["ours backward work, direct"]()
+    assert grad_b is None
+    for direct, through_autograd in zip((grad_x, grad_w, grad_nw), pieces["ours backward (autograd)"]()):
+        torch.testing.assert_close(direct, through_autograd, rtol=0, atol=0)
+    assert pieces["ours backward work, direct, other thread"][1] is pieces["ours backward work, direct"]
