@@ -14,7 +14,8 @@ The ratio of two implementations' `gpu` columns is what the comparison would rea
 GPU fed. ``--pieces`` instead splits the host time of `ours`' step: forward, backward through autograd and the same
 backward work called directly (on this thread and on another, as autograd's device thread runs it), what the engine
 costs for a do-nothing Python node, and each op of the step alone, next to plain eager's forward and backward. CUDA
-only. Writes JSON with the device and date (default bench/results/<device>-<date>-host-profile.json).
+only. Writes JSON with the device and date (default bench/results/<device>-<date>-host-profile.json, or
+...-host-pieces.json).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -99,6 +101,11 @@ def _on_another_thread(fn):
     return run
 
 
+class OnAnotherThread(NamedTuple):
+    """A piece whose calls ``piece_steps`` wants made on another thread."""
+    fn: Callable
+
+
 def _threaded_host_us(fn, calls: int = 20) -> float:
     """host_us of ``calls`` calls of ``fn`` made on one other thread (the thread's start and join included once)."""
     def batch():
@@ -133,7 +140,7 @@ def piece_steps(tokens: int, k: int, n: int, device: torch.device = torch.device
         "ours backward (autograd)": lambda: torch.autograd.grad(y_ours, params, dy, retain_graph=True),
         "plain_eager backward (autograd)": lambda: torch.autograd.grad(y_plain, params, dy, retain_graph=True),
         "ours backward work, direct": backward_work,
-        "ours backward work, direct, other thread": ("thread", backward_work),
+        "ours backward work, direct, other thread": OnAnotherThread(backward_work),
         "engine: do-nothing Python node": lambda: torch.autograd.grad(y_pass, x, xd, retain_graph=True),
         "ternarize_absmean": lambda: ops.ternarize_absmean(wd),
         "rmsnorm_quantize_int8_forward": lambda: ops.rmsnorm_quantize_int8_forward(xd, nwd, EPS, ACT_EPS),
@@ -155,8 +162,8 @@ def profile_pieces(shapes, repeats: int) -> list[dict]:
         samples = {name: [] for name in pieces}
         for _ in range(repeats):
             for name, fn in pieces.items():
-                if isinstance(fn, tuple):
-                    samples[name].append(_threaded_host_us(fn[1]))
+                if isinstance(fn, OnAnotherThread):
+                    samples[name].append(_threaded_host_us(fn.fn))
                 else:
                     samples[name].append(host_us(fn, sleep_cycles=int(4e8)))
         shape = f"M={tokens} K={k} N={n}"
@@ -171,7 +178,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=None, help="TOKENSxINxOUT list (default: 8192x2048x6144,8192x1024x3072,"
                    "2048x2048x6144; with --pieces 8192x2048x6144)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating passes over the implementations")
+    p.add_argument("--repeats", type=int, default=2, help="alternating passes over the implementations (or pieces: "
+                   "at least 3)")
     p.add_argument("--pieces", action="store_true", help="host time of each piece of ours' step instead")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

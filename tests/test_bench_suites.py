@@ -85,9 +85,9 @@ def test_host_pieces_time_the_work_of_ours_backward():
     torch.manual_seed(0)
     pieces = profile_bitlinear_host.piece_steps(16, 64, 96, torch.device("cpu"))
     for fn in pieces.values():
-        (fn[1] if isinstance(fn, tuple) else fn)()
+        (fn.fn if isinstance(fn, profile_bitlinear_host.OnAnotherThread) else fn)()
     grad_x, grad_w, grad_b, grad_nw = pieces["ours backward work, direct"]()
     assert grad_b is None
     for direct, through_autograd in zip((grad_x, grad_w, grad_nw), pieces["ours backward (autograd)"]()):
         torch.testing.assert_close(direct, through_autograd, rtol=0, atol=0)
-    assert pieces["ours backward work, direct, other thread"][1] is pieces["ours backward work, direct"]
+    assert pieces["ours backward work, direct, other thread"].fn is pieces["ours backward work, direct"]
