@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import parse_shapes, write_results  # noqa: E402
 from bitkernels import ops  # noqa: E402
 from bitkernels.ops._common import cast_to  # noqa: E402
-from bitkernels.ops.int8_matmul import _ensure_scratch_allocator, _scale_and_store, _scaled, _tile_ids  # noqa: E402
+from bitkernels.ops.int8_matmul import (  # noqa: E402
+    _ensure_scratch_allocator, _scale_and_store, _scale_and_store_halves, _scaled, _tile_ids)
 
 
 def load_baseline(path: str):
@@ -102,15 +103,9 @@ def _int8_gemm_variant(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, s
         offs_m = off_m + tl.arange(0, BLOCK_M)
         # The shipped epilogue's arithmetic (per-tensor weight scale, no bias: the bias pointer is unused).
         if TMA_STORE:
-            if SUBTILE:
-                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, STORE_N)), (0, 2, 1))
-                acc0, acc1 = tl.split(halves)
-                offs_n0 = off_n + tl.arange(0, STORE_N)
-                y0 = _scaled(acc0, a_scale_ptr, b_scale_ptr, b_scale_ptr, offs_m, offs_n0, M, N, False, False)
-                c_desc.store([off_m, off_n], cast_to(y0, c_ptr.dtype.element_ty))
-                y1 = _scaled(acc1, a_scale_ptr, b_scale_ptr, b_scale_ptr, offs_m, offs_n0 + STORE_N, M, N, False,
-                             False)
-                c_desc.store([off_m, off_n + STORE_N], cast_to(y1, c_ptr.dtype.element_ty))
+            if SUBTILE:  # the shipped two-half epilogue itself
+                _scale_and_store_halves(acc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, b_scale_ptr, off_m, off_n, M, N,
+                                        False, False)
             else:
                 y = _scaled(acc, a_scale_ptr, b_scale_ptr, b_scale_ptr, offs_m, off_n + tl.arange(0, BLOCK_N), M, N,
                             False, False)

@@ -121,6 +121,22 @@ def _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, off
     tl.store(c_ptrs, cast_to(y, c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit
+def _scale_and_store_halves(acc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N,
+                            PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The epilogue through a tensor descriptor with [BLOCK_M, BLOCK_N // 2] blocks, one column half at a time: the
+    # same arithmetic as _scale_and_store; the copy engine clips rows and columns past M and N.
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    HALF_N: tl.constexpr = acc.shape[1] // 2
+    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, HALF_N)
+    y0 = _scaled(acc0, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, PER_CHANNEL, HAS_BIAS)
+    c_desc.store([off_m, off_n], cast_to(y0, c_ptr.dtype.element_ty))
+    y1 = _scaled(acc1, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n + HALF_N, M, N, PER_CHANNEL, HAS_BIAS)
+    c_desc.store([off_m, off_n + HALF_N], cast_to(y1, c_ptr.dtype.element_ty))
+
+
 @triton.autotune(configs=_POINTER_CONFIGS, key=["M_KEY", "N", "K", "PER_CHANNEL", "HAS_BIAS"])
 @triton.jit
 def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_KEY,
@@ -164,9 +180,9 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
     # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel.
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    HALF_N: tl.constexpr = BLOCK_N // 2
     if TMA_STORE:  # in two column halves: half a tile of staging, which is what lets a 4th stage fit beside it
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, HALF_N])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N // 2])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         step = NUM_SMS
@@ -185,17 +201,11 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         tile_id_c += step
         pid_m, pid_n = _tile_ids(tile_id_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if TMA_STORE:  # the same arithmetic per half; the copy engine clips rows and columns past M and N
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
-            offs_n = pid_n * BLOCK_N + tl.arange(0, HALF_N)
-            y0 = _scaled(acc0, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, PER_CHANNEL, HAS_BIAS)
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], cast_to(y0, c_ptr.dtype.element_ty))
-            y1 = _scaled(acc1, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n + HALF_N, M, N, PER_CHANNEL,
-                         HAS_BIAS)
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + HALF_N], cast_to(y1, c_ptr.dtype.element_ty))
+        if TMA_STORE:
+            _scale_and_store_halves(acc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m * BLOCK_M,
+                                    pid_n * BLOCK_N, M, N, PER_CHANNEL, HAS_BIAS)
         else:
-            _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m,
+            _scale_and_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
                              pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
 
 
