@@ -28,6 +28,47 @@ def test_specialization_key_separates_what_triton_specializes_on():
         spec(object())
 
 
+def test_cache_key_is_a_superset_of_tritons_specialization():
+    """Two launches share a cache entry only where Triton would launch the same compiled kernel: integers by value
+    (finer than Triton's classes), tensors by dtype and 16-byte alignment (not address), other arguments by class,
+    keywords by value."""
+    def key(*args, **kwargs):
+        return _launch._cache_key(_signature, 0, args, kwargs)
+
+    buf = torch.zeros(64, dtype=torch.bfloat16)
+    assert key(buf, 7, 0.5, BLOCK=4) == key(buf[8:], 7, 2.0, BLOCK=4)  # another aligned address, another float
+    assert key(buf, 7, 0.5, BLOCK=4) != key(buf[1:], 7, 0.5, BLOCK=4)  # misaligned pointer
+    assert key(buf, 7, 0.5, BLOCK=4) != key(buf.view(torch.float16), 7, 0.5, BLOCK=4)  # dtype
+    assert key(buf, 7, 0.5, BLOCK=4) != key(buf, 8, 0.5, BLOCK=4)  # integers by value
+    assert key(buf, 7, 0.5, BLOCK=4) != key(buf, 7, 0.5, BLOCK=8)  # constexprs by value
+    assert key(buf, 1, 0.5, BLOCK=4) != key(buf, True, 0.5, BLOCK=4)  # a bool is not the integer 1 (1 == True)
+    assert key(buf, 7, 0.5, BLOCK=4) != key(buf, 7, None, BLOCK=4)  # float vs None
+    param = torch.nn.Parameter(buf.clone())  # a tensor subclass: the same (dtype, alignment) part
+    assert key(param, 7, 0.5, BLOCK=4) == key(buf, 7, 0.5, BLOCK=4)
+    with pytest.raises(_launch._NotCacheable):
+        key(object(), 7, 0.5, BLOCK=4)
+
+
+def test_cache_starts_over_past_its_bound(monkeypatch):
+    """One entry per distinct integer value (a new batch size) must not grow the cache without bound."""
+    class FakeCompiled:
+        pass
+
+    kernel = JITFunction(_signature)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(_launch, "CompiledKernel", FakeCompiled)
+    monkeypatch.setattr(_launch, "_hooks_idle", lambda: True)
+    monkeypatch.setattr(_launch, "current_cuda_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(_launch, "MAX_ENTRIES", 4)
+    monkeypatch.setattr(JITFunction, "__getitem__", lambda self, grid: lambda *args, **kwargs: FakeCompiled())
+    buf = torch.zeros(8)
+    for n in range(10):  # each a cache miss (Triton's path), then kept
+        _launch.launch(kernel, (1,), buf, n, 0.5, BLOCK=4, FLAG=False)
+        assert 1 <= len(_launch._compiled) <= 4
+    assert len(_launch._compiled) == 2  # cleared at the 5th and 9th values, then the 9th and 10th kept
+
+
 def test_constexpr_tail_needs_runtime_args_positional_and_constexprs_by_keyword():
     kernel = JITFunction(_signature)
     assert _launch._constexpr_tail(kernel, 3, dict(BLOCK=4, FLAG=True, num_warps=4)) == (4, True)

@@ -22,6 +22,8 @@ Layers:   ``bitlinear_forward_impl`` / ``bitlinear_backward_impl`` do the work o
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -80,8 +82,9 @@ def quantize_input(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps:
 
 def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """grad_x [M, K] = grad_y [M, N] @ (Wq * s), Wq int8 [N, K], s per tensor [] or per output channel [N]; the
-    dequantized weight is rounded to grad_y's dtype, as the reference's fake-quantized weight is."""
-    return grad_y @ dequantize_int8(w_codes, w_scale, grad_y.dtype)
+    dequantized weight is rounded to grad_y's dtype, as the reference's fake-quantized weight is. ``torch.mm``, not
+    ``@``: the operator goes through Tensor.__matmul__'s Python wrapper and matmul's shape logic first."""
+    return torch.mm(grad_y, dequantize_int8(w_codes, w_scale, grad_y.dtype))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -101,7 +104,9 @@ def bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps: flo
     x2 = as_rows(x)
     codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps)
     y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=out_dtype)
-    return y.reshape(*x.shape[:-1], w_codes.shape[0]), codes, a_scale, rstd
+    if x.dim() != 2:  # a reshape, even a no-op one, costs ~10 us of host time on the H100 host
+        y = y.reshape(*x.shape[:-1], w_codes.shape[0])
+    return y, codes, a_scale, rstd
 
 
 def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, norm_weight, norm_eps: float,
@@ -111,7 +116,7 @@ def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, n
     for (``grad_input`` asks for x's and the norm weight's). Saved state: ``x`` and the forward's ``rstd`` (SubLN
     with save_input: the codes are rebuilt from them bit for bit) or else ``codes``, ``a_scale`` and (SubLN)
     ``rstd``. Shared as the forward is."""
-    g2 = grad_y.reshape(-1, w_codes.shape[0])
+    g2 = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, w_codes.shape[0])
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
     if x is not None:
@@ -152,19 +157,34 @@ def keeps_input(norm_weight, save_input: bool) -> bool:
     return save_input and norm_weight is not None
 
 
+class _Settings(NamedTuple):
+    """The eager Function's arguments that take no gradient, as one argument of ``apply``."""
+    w_codes: torch.Tensor  # made under no_grad from the weight: not an autograd input (saved for backward all the same)
+    w_scale: torch.Tensor
+    norm_eps: float
+    act_eps: float
+    save_input: bool
+    out_dtype: torch.dtype
+
+
 class BitLinearFunction(torch.autograd.Function):
     """The eager path: one Python autograd node, the cheapest per call (no dispatcher round trips); torch.compile
-    goes through the custom ops of ``bitlinear_library`` instead, which run the same two functions above."""
+    goes through the custom ops of ``bitlinear_library`` instead, which run the same two functions above. Its inputs
+    are the four tensors that take gradients, the rest rides in one ``settings`` tuple: each argument of ``apply``
+    and each saved slot costs host time (~3.5 us a call on the dev CPU for the ten arguments and seven slots this
+    had). The weight codes are still saved through ``save_for_backward``, so saved-tensor hooks (offloading,
+    checkpointing) see them as before."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype):
-        y, codes, a_scale, rstd = bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
-                                                         out_dtype)
-        if keeps_input(norm_weight, save_input):
-            ctx.save_for_backward(x, None, None, rstd, w_codes, w_scale, norm_weight)
+    def forward(ctx, x, weight, bias, norm_weight, settings: _Settings):
+        y, codes, a_scale, rstd = bitlinear_forward_impl(x, bias, norm_weight, settings.w_codes, settings.w_scale,
+                                                         settings.norm_eps, settings.act_eps, settings.out_dtype)
+        ctx.keeps_x = keeps_input(norm_weight, settings.save_input)
+        if ctx.keeps_x:
+            ctx.save_for_backward(x, rstd, norm_weight, settings.w_codes, settings.w_scale)
         else:
-            ctx.save_for_backward(None, codes, a_scale, rstd, w_codes, w_scale, norm_weight)
-        ctx.norm_eps, ctx.act_eps = norm_eps, act_eps
+            ctx.save_for_backward(codes, a_scale, rstd, norm_weight, settings.w_codes, settings.w_scale)
+        ctx.norm_eps, ctx.act_eps = settings.norm_eps, settings.act_eps  # not the tuple: it holds the codes too
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = weight.dtype if bias is None else bias.dtype
@@ -172,14 +192,17 @@ class BitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, codes, a_scale, rstd, w_codes, w_scale, norm_weight = ctx.saved_tensors
+        if ctx.keeps_x:
+            (x, rstd, norm_weight, w_codes, w_scale), codes, a_scale = ctx.saved_tensors, None, None
+        else:
+            x, (codes, a_scale, rstd, norm_weight, w_codes, w_scale) = None, ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_x, grad_w, grad_b, grad_nw = bitlinear_backward_impl(
             grad_y, x, codes, a_scale, rstd, w_codes, w_scale, norm_weight, ctx.norm_eps, ctx.act_eps, ctx.x_dtype,
             ctx.weight_dtype, ctx.bias_dtype, need[0] or need[3], need[1], need[2])
-        if grad_x is not None:
+        if grad_x is not None and len(ctx.x_shape) != 2:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, grad_w, grad_b, grad_nw, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_nw, None
 
 
 def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -200,8 +223,8 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         return _library.bitlinear_forward(x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
                                           save_input, out_dtype)[0]
     w_codes, w_scale = ternarize_cached(weight, per_channel, weight_eps, weight_cache)
-    return BitLinearFunction.apply(x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps, save_input,
-                                   out_dtype)
+    return BitLinearFunction.apply(x, weight, bias, norm_weight,
+                                   _Settings(w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype))
 
 
 def bitlinear_inference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,

@@ -209,21 +209,23 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
                              pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
 
 
-_TUNED: dict[tuple, tuple[dict, dict]] = {}  # key -> the chosen config's (kwargs, kwargs with launch options)
+# key -> the chosen config's keywords, and every keyword of its launch (the call's constexprs, the config's, its options)
+_TUNED: dict[tuple, tuple[dict, dict]] = {}
 
 
 def _launch_autotuned(kernel, key: tuple, grid, args: tuple, constexprs: dict):
     """Launch an autotuned kernel; once ``key`` is tuned, launch its chosen config directly, skipping the autotuner's
     per-call dispatch (argument dicts, dtype strings, its key): ``int8_matmul``'s host time went from 196 to 175 us on
     the H100 host; and through ``_launch.launch``, past the JIT function's own dispatch. ``key`` holds what the
-    autotuner's key holds (M bucket, N, K, flags, dtypes). ``grid`` takes the config's keywords."""
+    autotuner's key holds (M bucket, N, K, flags, dtypes) and so fixes ``constexprs``. ``grid`` takes the config's
+    keywords."""
     tuned = _TUNED.get(key)
     if tuned is None:
         kernel[grid](*args, **constexprs)
-        _TUNED[key] = (kernel.best_config.kwargs, kernel.best_config.all_kwargs())
+        _TUNED[key] = (kernel.best_config.kwargs, {**constexprs, **kernel.best_config.all_kwargs()})
         return
-    meta, all_kwargs = tuned
-    launch(kernel.fn, grid(meta), *args, **constexprs, **all_kwargs)
+    meta, launch_kwargs = tuned
+    launch(kernel.fn, grid(meta), *args, **launch_kwargs)
 
 
 def _scratch_from_torch(size: int, alignment: int, stream) -> torch.Tensor:

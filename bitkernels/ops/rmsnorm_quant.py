@@ -229,10 +229,10 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
     float32 1/rms [M])."""
     x2 = as_rows(x)
     m, n = x2.shape
-    w = weight.contiguous()
-    out = torch.empty(x2.shape, device=x.device, dtype=(out_dtype or x.dtype) if dequantize else torch.int8)
-    scale = torch.empty(m, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    w, device = weight.contiguous(), x.device
+    out = torch.empty(x2.shape, device=device, dtype=(out_dtype or x.dtype) if dequantize else torch.int8)
+    scale = torch.empty(m, device=device, dtype=torch.float32)
+    rstd = torch.empty(m, device=device, dtype=torch.float32)
     if m > 0:
         tiling = row_tiling(n)
         with on_device(x):
@@ -273,31 +273,32 @@ def whole_row_bwd_block(n_cols: int) -> tuple[int, int, int]:
 def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps):
     dy2 = as_rows(dy)
     m, n = x.shape
-    dx = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
+    device = x.device
+    dx = torch.empty((m, n), device=device, dtype=out_dtype or x.dtype)
     write_xq = dequantized_dtype is not None
-    xq = torch.empty((m, n), device=x.device, dtype=dequantized_dtype) if write_xq else dx
+    xq = torch.empty((m, n), device=device, dtype=dequantized_dtype) if write_xq else dx
     if m == 0:
         return dx, torch.zeros_like(weight), xq if write_xq else None
     from_codes = code_scale is not None
     code_scale = code_scale if from_codes else rstd  # an unused pointer when not from codes
     if next_power_of_2(n) <= WHOLE_ROW_MAX:
         block_n, rows, num_warps = whole_row_bwd_block(n)
-        rows_per_program = cdiv(cdiv(m, 4 * device_info(x.device).sm_count), rows) * rows
+        rows_per_program = cdiv(cdiv(m, 4 * device_info(device).sm_count), rows) * rows
         n_programs = cdiv(m, rows_per_program)
-        dw_partial = torch.empty((n_programs, n), device=x.device, dtype=torch.float32)
+        dw_partial = torch.empty((n_programs, n), device=device, dtype=torch.float32)
         with on_device(x):
             launch(_rmsnorm_bwd_kernel, (n_programs,),
                    dy2, x, weight, rstd, code_scale, dx, dw_partial, xq, m, n, rows_per_program,
                    dy2.stride(0), x.stride(0), dx.stride(0), xq.stride(0), act_eps, BLOCK_N=block_n, ROWS=rows,
                    FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=num_warps, enable_fp_fusion=False)
     else:
-        dot = torch.empty(m, device=x.device, dtype=torch.float32)
-        absmax = torch.empty(m, device=x.device, dtype=torch.float32) if write_xq and not from_codes else dot
+        dot = torch.empty(m, device=device, dtype=torch.float32)
+        absmax = torch.empty(m, device=device, dtype=torch.float32) if write_xq and not from_codes else dot
         col_blocks = cdiv(n, TILE_N)
-        splits = max(1, cdiv(16 * device_info(x.device).sm_count, col_blocks))
+        splits = max(1, cdiv(16 * device_info(device).sm_count, col_blocks))
         rows_per_program = cdiv(cdiv(m, splits), TILE_M) * TILE_M
         splits = cdiv(m, rows_per_program)
-        dw_partial = torch.empty((splits, n), device=x.device, dtype=torch.float32)
+        dw_partial = torch.empty((splits, n), device=device, dtype=torch.float32)
         with on_device(x):
             launch(_rmsnorm_bwd_row_dot_kernel, (m,),
                    dy2, x, weight, rstd, code_scale, dot, absmax, m, n, dy2.stride(0), x.stride(0), act_eps,

@@ -85,13 +85,13 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
                        BLOCK_N=block_n, ROWS=rows, DEQUANTIZE=dequantize, num_warps=num_warps,
                        enable_fp_fusion=False)
         return out, scale
-    flat = w.contiguous().view(-1)
-    numel = flat.numel()
-    out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
-    scale = torch.empty((), device=w.device, dtype=torch.float32)
+    flat = w if w.is_contiguous() else w.contiguous()  # the kernels index it flat
+    numel, device = flat.numel(), w.device
+    out = torch.empty(w.shape, device=device, dtype=out_dtype)
+    scale = torch.empty((), device=device, dtype=torch.float32)
     n_blocks = cdiv(numel, BLOCK)
     n_partials = max(1, min(n_blocks, MAX_PARTIALS))
-    partials = torch.empty(n_partials, device=w.device, dtype=torch.float32)
+    partials = torch.empty(n_partials, device=device, dtype=torch.float32)
     with on_device(w):
         launch(_abs_sum_partials_kernel, (n_partials,), flat, partials, numel, BLOCK=BLOCK, num_warps=8)
         launch(_ternarize_tensor_kernel, (max(n_blocks, 1),),
@@ -103,7 +103,7 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
 
 def ternarize_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS):
     """``w`` -> (int8 codes in {-1, 0, 1}, float32 scale max(mean|w|, eps): shape [] or [rows] if per_channel)."""
-    return _ternarize(w.detach(), per_channel, eps, dequantize=False)
+    return _ternarize(w, per_channel, eps, dequantize=False)  # reads w's memory alone: nothing to detach
 
 
 class FakeQuantizeWeight(torch.autograd.Function):

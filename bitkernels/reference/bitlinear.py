@@ -24,8 +24,9 @@ def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: t
 
 
 def bitlinear_grad_weight(grad_y: torch.Tensor, x_deq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """grad_W = grad_y^T @ (xq * a/127), in ``out_dtype``."""
-    return (grad_y.t() @ x_deq).to(out_dtype)
+    """grad_W = grad_y^T @ (xq * a/127), in ``out_dtype``. (``torch.mm`` rather than ``@``, whose Python wrapper costs
+    host time: this is also the Triton path's op.)"""
+    return torch.mm(grad_y.t(), x_deq).to(out_dtype)
 
 
 def bitlinear_inference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
