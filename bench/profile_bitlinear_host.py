@@ -2,6 +2,7 @@
 
     python bench/profile_bitlinear_host.py [--shapes 8192x2048x6144,8192x1024x3072] [--out path.json]
     python bench/profile_bitlinear_host.py --pieces [--shapes 8192x2048x6144]     # host time of each piece of `ours`
+    python bench/profile_bitlinear_host.py --ab REV [--repeats 7]                 # host time of `ours` vs git REV's
 
 For each shape (tokens x in x out) and implementation of the bitlinear suite (ours eager, ours under torch.compile
 default and reduce-overhead modes, plain RMSNorm + nn.Linear eager / compiled / CUDA graphs), three numbers per
@@ -13,18 +14,27 @@ step, in microseconds:
 The ratio of two implementations' `gpu` columns is what the comparison would read on a host fast enough to keep the
 GPU fed. ``--pieces`` instead splits the host time of `ours`' step: forward, backward through autograd and the same
 backward work called directly (on this thread and on another, as autograd's device thread runs it), what the engine
-costs for a do-nothing Python node, and each op of the step alone, next to plain eager's forward and backward. CUDA
-only. Writes JSON with the device and date (default bench/results/<device>-<date>-host-profile.json, or
-...-host-pieces.json).
+costs for a do-nothing Python node, and each op of the step alone, next to plain eager's forward and backward.
+``--ab REV`` is the A/B of a host-side change: the ``bitkernels`` package of git revision REV, imported under another
+name beside the working tree's in the same process, its fwd+bwd step and forward against ours (outputs and gradients
+compared bit for bit first), host time and bench time per pass, passes alternating (single passes vary up to 5x on
+the H100 host). CUDA only. Writes JSON with the device and date (default
+bench/results/<device>-<date>-host-profile.json, or ...-host-pieces.json, ...-host-ab.json).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
+import io
 import json
 import pathlib
+import re
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from typing import Callable, NamedTuple
 
@@ -174,13 +184,110 @@ def profile_pieces(shapes, repeats: int) -> list[dict]:
     return rows
 
 
+def package_at(rev: str, parent: pathlib.Path):
+    """``bitkernels`` as of git revision ``rev``, importable beside the working tree's: extracted under ``parent`` as
+    ``bitkernels_<sha>`` (relative imports inside the package keep it self-contained), its custom ops registered in
+    their own ``bitkernels_<sha>::`` namespace (two packages defining ``bitkernels::*`` could not both import)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--short=10", f"{rev}^{{commit}}"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "bitkernels"], check=True,
+                                 capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or str(e)
+        detail = detail.decode() if isinstance(detail, bytes) else detail
+        raise SystemExit(f"--ab: cannot read bitkernels at git revision {rev!r} ({detail.strip()}); pass a commit of "
+                         "this repository") from e
+    name = f"bitkernels_{sha}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        # only plain files under parent (Pythons with extraction filters; the archive is this repository's own)
+        tar.extractall(parent, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (parent / "bitkernels").rename(parent / name)
+    for path in (parent / name).rglob("*.py"):
+        text = path.read_text()
+        renamed = re.sub(r"\bbitkernels::", f"{name}::", text).replace("torch.ops.bitkernels.", f"torch.ops.{name}.")
+        if renamed != text:
+            path.write_text(renamed)
+    sys.path.insert(0, str(parent))
+    try:
+        return importlib.import_module(f"{name}.ops")
+    finally:
+        sys.path.remove(str(parent))
+
+
+def ab_steps(tokens: int, k: int, n: int, old_ops, device: torch.device = torch.device("cuda")):
+    """-> ({name: callable}, whether old and new give the same y, dx, dW and dnorm bit for bit): the fwd+bwd step and
+    the forward of `ours` from ``old_ops`` (``package_at``) and from the working tree, and plain eager's."""
+    from bitkernels import ops as new_ops
+
+    x, w, nw, dy = training_inputs(tokens, k, n, device)
+    params = (x, w, nw)
+    forwards = {"old": lambda: old_ops.bitlinear(x, w, None, nw, EPS),
+                "new": lambda: new_ops.bitlinear(x, w, None, nw, EPS),
+                "plain": lambda: plain(x, nw, w)}
+
+    def step_of(forward):
+        def step():
+            for p in params:
+                p.grad = None
+            forward().backward(dy)
+        return step
+
+    results = {}
+    for name in ("old", "new"):
+        for p in params:
+            p.grad = None
+        y = forwards[name]()
+        y.backward(dy)
+        results[name] = [y.detach(), *(p.grad.clone() for p in params)]
+    same = all(torch.equal(a, b) for a, b in zip(results["old"], results["new"]))
+    calls = {f"{name} step": step_of(f) for name, f in forwards.items()}
+    calls.update({f"{name} fwd": f for name, f in forwards.items()})
+    return calls, same
+
+
+def profile_ab(shapes, repeats: int, old_ops) -> list[dict]:
+    from triton.testing import do_bench
+
+    rows = []
+    for tokens, k, n in shapes:
+        torch.manual_seed(0)
+        calls, same = ab_steps(tokens, k, n, old_ops)
+        shape = f"M={tokens} K={k} N={n}"
+        print(f"\n{shape}: old and new bit for bit equal (y, dx, dW, dnorm): {same}", flush=True)
+        for fn in calls.values():
+            for _ in range(3):
+                fn()
+        torch.cuda.synchronize()
+        samples = {name: {"host": [], "bench": []} for name in calls}
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                samples[name]["host"].append(host_us(fn, sleep_cycles=int(4e8)))
+                samples[name]["bench"].append(do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3)
+        print(f"  {'us':12s} {'host min':>9s} {'host med':>9s} {'bench med':>9s} {'gpu':>7s}")
+        for name, fn in calls.items():
+            host, bench = samples[name]["host"], samples[name]["bench"]
+            gpu = gpu_us(fn)[0]
+            rows.append({"shape": shape, "impl": name, "bits_equal_old_new": same, "host_us": host, "bench_us": bench,
+                         "gpu_us": gpu})
+            print(f"  {name:12s} {min(host):9.0f} {statistics.median(host):9.0f} {statistics.median(bench):9.0f} "
+                  f"{gpu:7.0f}", flush=True)
+        for part in ("step", "fwd"):
+            old, new = samples[f"old {part}"]["host"], samples[f"new {part}"]["host"]
+            print(f"  new / old host time, {part}: min {min(new) / min(old):.3f}, median "
+                  f"{statistics.median(new) / statistics.median(old):.3f}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=None, help="TOKENSxINxOUT list (default: 8192x2048x6144,8192x1024x3072,"
                    "2048x2048x6144; with --pieces 8192x2048x6144)")
     p.add_argument("--repeats", type=int, default=2, help="alternating passes over the implementations (or pieces: "
-                   "at least 3)")
+                   "at least 3; --ab: at least 5)")
     p.add_argument("--pieces", action="store_true", help="host time of each piece of ours' step instead")
+    p.add_argument("--ab", metavar="REV", default=None, help="host time of ours' step and forward against the "
+                   "bitkernels package of git revision REV (default shapes 2048x2048x6144,8192x2048x6144)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -192,6 +299,17 @@ def main(argv=None) -> int:
     meta = {"device": device_name, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
             "torch": torch.__version__, "triton": __import__("triton").__version__}
     print(json.dumps(meta), flush=True)
+    if args.ab:
+        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True).stdout.strip()
+        with tempfile.TemporaryDirectory() as parent:
+            old_ops = package_at(args.ab, pathlib.Path(parent))
+            meta.update(old=old_ops.__name__.split(".")[0], new=head or "working tree")
+            rows = profile_ab(parse_shapes(args.shapes or "2048x2048x6144,8192x2048x6144"), max(args.repeats, 5),
+                              old_ops)
+        out = write_results({"meta": meta, "rows": rows}, args.out, meta, "-host-ab")
+        print(f"\nwrote {out}")
+        return 0
     if args.pieces:
         rows = profile_pieces(parse_shapes(args.shapes or "8192x2048x6144"), max(args.repeats, 3))
         out = write_results({"meta": meta, "rows": rows}, args.out, meta, "-host-pieces")

@@ -1,6 +1,7 @@
 """Benchmark helpers: what they time must be what they say (variants take effect, swept kernels are correct)."""
 import os
 import pathlib
+import types
 
 import pytest
 import torch
@@ -91,3 +92,27 @@ def test_host_pieces_time_the_work_of_ours_backward():
     for direct, through_autograd in zip((grad_x, grad_w, grad_nw), pieces["ours backward (autograd)"]()):
         torch.testing.assert_close(direct, through_autograd, rtol=0, atol=0)
     assert pieces["ours backward work, direct, other thread"].fn is pieces["ours backward work, direct"]
+
+
+@interpreter_only
+def test_host_ab_imports_an_earlier_revision_beside_the_working_tree(tmp_path):
+    # bench/profile_bitlinear_host.py --ab REV: REV's bitkernels imports beside this one (its custom ops in their own
+    # namespace: two packages registering bitkernels::* could not both import), runs, and is compared bit for bit
+    # before any timing. HEAD against the working tree computes the same bits.
+    from bench import profile_bitlinear_host
+
+    old_ops = profile_bitlinear_host.package_at("HEAD", tmp_path)
+    name = old_ops.__name__.split(".")[0]
+    assert name.startswith("bitkernels_") and (tmp_path / name / "ops" / "bitlinear.py").is_file()
+    assert "bitkernels::" not in (tmp_path / name / "ops" / "bitlinear_library.py").read_text()
+    assert hasattr(getattr(torch.ops, name), "bitlinear_forward")
+    torch.manual_seed(0)
+    calls, same = profile_bitlinear_host.ab_steps(16, 64, 96, old_ops, torch.device("cpu"))
+    assert same
+    assert set(calls) == {f"{impl} {part}" for impl in ("old", "new", "plain") for part in ("step", "fwd")}
+    for fn in calls.values():
+        fn()
+    doubled = types.SimpleNamespace(bitlinear=lambda *args, **kwargs: old_ops.bitlinear(*args, **kwargs) * 2)
+    assert not profile_bitlinear_host.ab_steps(16, 64, 96, doubled, torch.device("cpu"))[1]
+    with pytest.raises(SystemExit, match="cannot read bitkernels at git revision"):
+        profile_bitlinear_host.package_at("no-such-revision", tmp_path)

@@ -10,10 +10,10 @@ The cache key is a superset of what Triton specializes on: each tensor's dtype a
 value (finer than Triton's classes: divisible by 16, equal to 1, its width), floats as floats, and every keyword
 (constexprs and compile options) by value. A hit is therefore the kernel Triton itself would have picked. Integers by
 value make the key ~1.4 us cheaper to build than mapping each to its class (14 arguments, dev CPU) at the price of one
-entry per distinct value (a new batch size); past MAX_ENTRIES the cache starts over. Anything else (host TMA descriptors, keyword
-runtime arguments, launch hooks of a profiler, the interpreter) takes Triton's own path. Kernels that need scratch
-memory (device-side TMA descriptors) get it from Triton's allocator inside the compiled launcher, as on Triton's
-path.
+entry per distinct value (a new batch size); past MAX_ENTRIES the cache starts over. Anything else (host TMA
+descriptors, keyword runtime arguments, launch hooks of a profiler, the interpreter) takes Triton's own path.
+Kernels that need scratch memory (device-side TMA descriptors) get it from Triton's allocator inside the compiled
+launcher, as on Triton's path.
 """
 from __future__ import annotations
 

@@ -209,7 +209,8 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
                              pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, stride_cm, stride_cn, PER_CHANNEL, HAS_BIAS)
 
 
-# key -> the chosen config's keywords, and every keyword of its launch (the call's constexprs, the config's, its options)
+# key -> the chosen config's keywords, and every keyword of its launch (the call's constexprs, the config's and its
+# options)
 _TUNED: dict[tuple, tuple[dict, dict]] = {}
 
 
