@@ -126,8 +126,6 @@ def _threaded_host_us(fn, calls: int = 20) -> float:
 
 def piece_steps(tokens: int, k: int, n: int, device: torch.device = torch.device("cuda")) -> dict:
     """What `ours`' step is made of, each callable alone (inputs prepared once), with plain eager's halves."""
-    import importlib
-
     from bitkernels import ops
 
     impl = importlib.import_module("bitkernels.ops.bitlinear")
@@ -230,19 +228,15 @@ def ab_steps(tokens: int, k: int, n: int, old_ops, device: torch.device = torch.
         def step():
             for p in params:
                 p.grad = None
-            forward().backward(dy)
+            y = forward()
+            y.backward(dy)
+            return y
         return step
 
-    results = {}
-    for name in ("old", "new"):
-        for p in params:
-            p.grad = None
-        y = forwards[name]()
-        y.backward(dy)
-        results[name] = [y.detach(), *(p.grad.clone() for p in params)]
-    same = all(torch.equal(a, b) for a, b in zip(results["old"], results["new"]))
     calls = {f"{name} step": step_of(f) for name, f in forwards.items()}
     calls.update({f"{name} fwd": f for name, f in forwards.items()})
+    results = {name: [calls[f"{name} step"]().detach(), *(p.grad.clone() for p in params)] for name in ("old", "new")}
+    same = all(torch.equal(a, b) for a, b in zip(results["old"], results["new"]))
     return calls, same
 
 
