@@ -126,9 +126,9 @@ def test_weight_codes_cached_until_weight_changes(device, monkeypatch):
 
     op_mod = importlib.import_module("bitkernels.ops.bitlinear")  # the module, not ops.bitlinear the function
 
-    calls = []
-    real = op_mod.ternarize_absmean
-    monkeypatch.setattr(op_mod, "ternarize_absmean", lambda *a: calls.append(1) or real(*a))
+    calls = []  # new codes come from either op (per tensor: in the launch that quantizes x)
+    for name in ("ternarize_absmean", "ternarize_and_quantize_forward"):
+        monkeypatch.setattr(op_mod, name, lambda *a, real=getattr(op_mod, name): calls.append(1) or real(*a))
     layer = BitLinear(32, 16, subln=True, backend="triton").to(device)
     x = torch.randn(4, 32, device=device)
     y1 = layer(x)
@@ -142,6 +142,24 @@ def test_weight_codes_cached_until_weight_changes(device, monkeypatch):
     layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})
     layer(x)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("subln,save_input", [(True, True), (True, False), (False, True)])
+def test_new_codes_and_cached_codes_give_the_same_step(device, subln, save_input):
+    # A forward that makes the weight's codes quantizes x in the same launch (ternarize_and_quantize); one that
+    # finds them cached quantizes x alone. Same output and gradients, bit for bit.
+    ts = make((2, 7, 48), 40, torch.bfloat16, device, bias=True, subln=subln)
+    cache: dict = {}
+    runs = []
+    for _ in range(2):  # the first call fills the cache, the second hits it
+        x, _, b, nw = clone(ts)
+        y = bk.bitlinear(x, ts[1], b, nw, backend="triton", weight_cache=cache, save_input=save_input)
+        y.backward(torch.ones_like(y))
+        runs.append([y] + [t.grad for t in (x, ts[1], b, nw) if t is not None])
+        ts[1].grad = None
+    assert "entry" in cache
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])

@@ -108,6 +108,79 @@ def test_ternarize_zero_weights_is_defined(per_channel, device):
     assert torch.isfinite(fq).all() and (fq[0] == 0).all()
 
 
+def _separate_quantizations(w, x, nw):
+    w_codes, w_scale = ops.ternarize_absmean(w)
+    x_codes, x_scale = ops.quantize_activations_int8(x) if nw is None else ops.rmsnorm_quantize_int8(x, nw)
+    return w_codes, w_scale, x_codes, x_scale
+
+
+def _check_ternarize_and_quantize(w, x, nw):
+    fused = ops.ternarize_and_quantize(w, x, nw)
+    # The same programs as the separate kernels, in one launch: their outputs bit for bit.
+    for name, a, b in zip(("weight codes", "weight scale", "x codes", "x scale"), fused,
+                          _separate_quantizations(w, x, nw)):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    # And the reference's, within the separate ops' own tolerances (a scale is a sum in another order).
+    r_w_codes, r_w_scale, r_x_codes, r_x_scale = ref.ternarize_and_quantize(w, x, nw)
+    torch.testing.assert_close(fused[1], r_w_scale, rtol=2e-6, atol=0)
+    assert_ternary_codes(fused[0], w, fused[1], False)
+    torch.testing.assert_close(fused[3], r_x_scale, rtol=1e-5, atol=0)
+    if x.numel():
+        assert (fused[2].int() - r_x_codes.int()).abs().max() <= (0 if nw is None else 1)
+
+
+@pytest.mark.parametrize("subln", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,w_rows", [
+    ((5, 17), 3), ((2, 3, 40), 64), ((0, 16), 200), ((16, 16), 300), ((3, 4097), 5), ((1, 1), 1),
+    pytest.param((8192, 2048), 6144, marks=pytest.mark.gpu),
+    pytest.param((2048, 9728), 2560, marks=pytest.mark.gpu),
+    pytest.param((333, 40000), 7, marks=pytest.mark.gpu),
+])
+def test_ternarize_and_quantize_equals_the_separate_ops(x_shape, w_rows, dtype, subln, device):
+    # Shapes: ragged; zero rows of x (the launch codes the weight alone); 16-column rows, whose 1-warp tiling gives
+    # 1024-element weight blocks, several of them; more weight blocks than partial sums of |w|.
+    x = randn(x_shape, dtype, device, scale=3.0)
+    w = randn((w_rows, x_shape[-1]), dtype, device, scale=0.02)
+    nw = randn(x_shape[-1:], dtype, device) + 1 if subln else None
+    _check_ternarize_and_quantize(w, x, nw)
+
+
+@pytest.mark.parametrize("subln", [True, False])
+def test_ternarize_and_quantize_long_rows_and_strided_inputs(subln, device, long_rows):
+    x = randn((6, 100), torch.bfloat16, device, scale=2.0)
+    x[:, -1] = 40.0  # the absmax in the last columns: the tail tile (or the last chunk) decides the scale
+    w = randn((70, 200), torch.float32, device, scale=0.02)[:, ::2]  # not contiguous
+    nw = randn((100,), torch.bfloat16, device) + 1 if subln else None
+    _check_ternarize_and_quantize(w, x, nw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1024, 2048, 9728])
+def test_ternarize_and_quantize_same_weight_scale_as_ternarize_over_many_weights(k, device):
+    # A float sum of the partial sums follows each launch's layout: added that way, 8-11 weights in 24 got a scale an
+    # ulp away from ternarize's own in x's launch (H200, K=1024). The interpreter has no layouts: GPU only.
+    x = torch.randn(64, k, device=device, dtype=torch.bfloat16)
+    for seed in range(24):
+        torch.manual_seed(seed)
+        w = torch.randn(3 * k, k, device=device, dtype=torch.bfloat16) * k ** -0.5
+        fused = ops.ternarize_and_quantize(w, x, torch.ones(k, device=device, dtype=torch.bfloat16))
+        alone = ops.ternarize_absmean(w)
+        assert torch.equal(fused[1], alone[1]) and torch.equal(fused[0], alone[0]), seed
+
+
+def test_ternarize_and_quantize_refuses_mismatched_shapes(device):
+    with pytest.raises(ValueError, match="in_features"):
+        ops.ternarize_and_quantize(torch.randn(4, 8, device=device), torch.randn(3, 9, device=device))
+
+
+def test_ternarize_and_quantize_zero_weight_is_defined(device):
+    w = torch.zeros(4, 32, device=device)
+    w_codes, w_scale, _, _ = ops.ternarize_and_quantize(w, torch.randn(3, 32, device=device))
+    assert (w_codes == 0).all() and w_scale.item() == pytest.approx(1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_SHAPES)
 def test_rmsnorm_quantize_matches_reference(shape, dtype, device):

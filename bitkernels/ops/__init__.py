@@ -9,3 +9,4 @@ from .act_quant import fake_quantize_activations, quantize_activations_int8
 from .rmsnorm_quant import (rmsnorm_backward, rmsnorm_backward_and_dequantize, rmsnorm_fake_quantize, rmsnorm_quantize_int8,
                             rmsnorm_quantize_int8_forward)
 from .ternarize import fake_quantize_weight, ternarize_absmean
+from .ternarize_and_quantize import ternarize_and_quantize

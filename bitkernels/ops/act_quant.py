@@ -80,10 +80,12 @@ def store_int8_head_tail(out_ptr, scale_ptr, row, stride_out, y, y_tail, cols, t
 
 
 @triton.jit
-def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
-                                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
-                                 DEQUANTIZE: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def quantize_activation_rows(program, x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
+                             BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+                             DEQUANTIZE: tl.constexpr):
+    """The ROWS rows of ``program``: the kernel's body as a helper, so that ``ternarize_and_quantize`` runs it in the
+    launch that codes the weight."""
+    rows = program.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     if not CHUNKED:  # the whole row in registers: one read of x
         cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
@@ -99,6 +101,14 @@ def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stri
         for start in range(0, n_cols, BLOCK_N):
             cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, start, BLOCK_N)
             store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], x, inv, scale, mask, DEQUANTIZE)
+
+
+@triton.jit
+def _quantize_activations_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
+                                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+                                 DEQUANTIZE: tl.constexpr):
+    quantize_activation_rows(tl.program_id(0), x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out, eps,
+                             BLOCK_N, ROWS, CHUNKED, DEQUANTIZE)
 
 
 @triton.jit

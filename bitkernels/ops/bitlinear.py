@@ -1,8 +1,9 @@
 """BitLinear forward + backward on int8 tensor cores, saving int8 codes instead of the bf16 input.
 
 Forward:  (SubLN RMSNorm +) per-token int8 quantization of x in one pass (``rmsnorm_quant`` / ``act_quant``), then
-          ``int8_matmul`` with the two scales and the bias in its epilogue. The ternary weight codes come from
-          ``ternarize_cached``: computed once per weight version, not once per call.
+          ``int8_matmul`` with the two scales and the bias in its epilogue. The ternary weight codes are made once
+          per weight version, not once per call (the module's cache); when they are made, their pass shares one
+          launch with x's quantization (``ternarize_and_quantize``: 3 launches a forward instead of 4).
 Backward: straight-through estimator. grad_h = grad_y @ (Wq*s), then the SubLN RMSNorm backward, then
           grad_W = grad_y^T @ (xq*a/127), both GEMMs on cuBLAS over dequantized copies made right before and freed
           right after: Wq*s by ``dequantize_int8``, xq*a/127 by the RMSNorm backward itself from the same read of x
@@ -35,6 +36,7 @@ from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
 from .rmsnorm_quant import rmsnorm_backward, rmsnorm_backward_and_dequantize, rmsnorm_quantize_int8_forward
 from .ternarize import ternarize_absmean
+from .ternarize_and_quantize import ternarize_and_quantize_forward
 
 
 # Fused optimizers (``torch.optim.AdamW(fused=True)``, the "adamw_torch_fused" default of recent HF Trainers) write
@@ -51,6 +53,16 @@ def _count_optimizer_step(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _cache_lookup(weight: torch.Tensor, per_channel: bool, eps: float, cache: dict | None):
+    """-> (the cache key of ``weight``'s codes, (codes, scale) if ``cache`` holds them for it, else None)."""
+    if cache is None:
+        return None, None
+    key = (_optimizer_steps, weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
+           per_channel, eps)
+    hit = cache.get("entry")
+    return key, (hit[1], hit[2]) if hit is not None and hit[0] == key else None
+
+
 def ternarize_cached(weight: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS,
                      cache: dict | None = None):
     """``ternarize_absmean(weight)``, reused while the weight is unchanged.
@@ -60,15 +72,12 @@ def ternarize_cached(weight: torch.Tensor, per_channel: bool = False, eps: float
     quantization settings: eval passes and gradient-accumulation micro-steps reuse the codes. Writes through
     ``weight.data`` and optimizers outside torch.optim bypass both counters; call ``cache.clear()`` after those.
     """
-    if cache is None:
-        return ternarize_absmean(weight, per_channel, eps)
-    key = (_optimizer_steps, weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
-           per_channel, eps)
-    hit = cache.get("entry")
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
+    key, hit = _cache_lookup(weight, per_channel, eps, cache)
+    if hit is not None:
+        return hit
     codes, scale = ternarize_absmean(weight, per_channel, eps)
-    cache["entry"] = (key, codes, scale)
+    if key is not None:
+        cache["entry"] = (key, codes, scale)
     return codes, scale
 
 
@@ -98,11 +107,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps: float, act_eps: float,
-                           out_dtype: torch.dtype):
+                           out_dtype: torch.dtype, quantized: tuple | None = None):
     """The forward on tensors alone (no autograd): -> (y [..., N], x's int8 codes [M, K], their fp32 scale [M],
-    fp32 1/rms [M] or None without SubLN). Shared by the eager autograd Function and the custom op."""
+    fp32 1/rms [M] or None without SubLN). ``quantized``: those three, already made (``ternarize_and_quantize``).
+    Shared by the eager autograd Function and the custom op."""
     x2 = as_rows(x)
-    codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps)
+    codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps) if quantized is None else quantized
     y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=out_dtype)
     if x.dim() != 2:  # a reshape, even a no-op one, costs ~10 us of host time on the H100 host
         y = y.reshape(*x.shape[:-1], w_codes.shape[0])
@@ -165,6 +175,7 @@ class _Settings(NamedTuple):
     act_eps: float
     save_input: bool
     out_dtype: torch.dtype
+    quantized: tuple | None  # x's (codes, scale, 1/rms) when made in the launch that made w_codes, else None
 
 
 class BitLinearFunction(torch.autograd.Function):
@@ -178,7 +189,8 @@ class BitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, norm_weight, settings: _Settings):
         y, codes, a_scale, rstd = bitlinear_forward_impl(x, bias, norm_weight, settings.w_codes, settings.w_scale,
-                                                         settings.norm_eps, settings.act_eps, settings.out_dtype)
+                                                         settings.norm_eps, settings.act_eps, settings.out_dtype,
+                                                         settings.quantized)
         ctx.keeps_x = keeps_input(norm_weight, settings.save_input)
         if ctx.keeps_x:
             ctx.save_for_backward(x, rstd, norm_weight, settings.w_codes, settings.w_scale)
@@ -222,9 +234,20 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         w_codes, w_scale = _library.ternarize_absmean(weight.detach(), per_channel, weight_eps)
         return _library.bitlinear_forward(x, weight, bias, norm_weight, w_codes, w_scale, norm_eps, act_eps,
                                           save_input, out_dtype)[0]
-    w_codes, w_scale = ternarize_cached(weight, per_channel, weight_eps, weight_cache)
+    key, hit = _cache_lookup(weight, per_channel, weight_eps, weight_cache)
+    quantized = None
+    if hit is not None:
+        w_codes, w_scale = hit
+    elif per_channel:
+        w_codes, w_scale = ternarize_absmean(weight, True, weight_eps)
+    else:  # new codes: their pass shares a launch with x's quantization
+        w_codes, w_scale, codes, a_scale, rstd = ternarize_and_quantize_forward(weight, as_rows(x), norm_weight,
+                                                                                norm_eps, act_eps, weight_eps)
+        quantized = (codes, a_scale, rstd)
+    if hit is None and key is not None:
+        weight_cache["entry"] = (key, w_codes, w_scale)
     return BitLinearFunction.apply(x, weight, bias, norm_weight,
-                                   _Settings(w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype))
+                                   _Settings(w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype, quantized))
 
 
 def bitlinear_inference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,

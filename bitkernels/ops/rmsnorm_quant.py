@@ -18,10 +18,11 @@ from .act_quant import (int8_row_scales, load_head_tail, load_row_tile, store_in
 
 
 @triton.jit
-def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_out,
-                                 eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
-                                 DEQUANTIZE: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def rmsnorm_quantize_rows(program, x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_out,
+                          eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+                          DEQUANTIZE: tl.constexpr):
+    """The ROWS rows of ``program`` (the kernel's body as a helper, as in ``act_quant``)."""
+    rows = program.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     if not CHUNKED:  # the whole row in registers: one read of x
         cols, mask, x = load_row_tile(x_ptr, rows, row_mask, stride_x, n_cols, 0, BLOCK_N)
@@ -51,6 +52,14 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
             w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             y = x * rstd[:, None] * w[None, :]
             store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], y, inv, scale, mask, DEQUANTIZE)
+
+
+@triton.jit
+def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_out,
+                                 eps, act_eps, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, CHUNKED: tl.constexpr,
+                                 DEQUANTIZE: tl.constexpr):
+    rmsnorm_quantize_rows(tl.program_id(0), x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_rows, n_cols, stride_x,
+                          stride_out, eps, act_eps, BLOCK_N, ROWS, CHUNKED, DEQUANTIZE)
 
 
 @triton.jit

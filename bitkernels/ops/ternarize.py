@@ -38,21 +38,46 @@ def ternary_codes(w, scale, DEQUANTIZE: tl.constexpr):
 
 
 @triton.jit
-def _ternarize_tensor_kernel(w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_partials, eps,
-                             BLOCK: tl.constexpr, PARTIALS: tl.constexpr, DEQUANTIZE: tl.constexpr):
-    pid = tl.program_id(0)
+def absmean_from_partials(partial_ptr, n_partials, numel, eps, PARTIALS: tl.constexpr):
+    """max(sum of the partial sums of |w| / numel, eps), the same whatever the launch. A float sum's order follows the
+    launch's layout: in x's launch (``ternarize_and_quantize``) one H100 weight in three got a scale an ulp away from
+    ternarize's own, even at equal warps. So the partials are added as integers (associative): in fixed point, 52
+    bits below the largest one's exponent (a partial 2^28 times smaller still keeps all its bits), then rounded once."""
     p = tl.arange(0, PARTIALS)
-    total = tl.sum(tl.load(partial_ptr + p, mask=p < n_partials, other=0.0), axis=0)
-    scale = tl.maximum(total / numel, eps)
+    partials = tl.load(partial_ptr + p, mask=p < n_partials, other=0.0)
+    float_sum = tl.sum(partials, axis=0)  # order-dependent: kept only where not finite (inf / nan weights)
+    finite = (float_sum == float_sum) & (float_sum < float("inf"))
+    top = tl.max(tl.where(finite, partials, 0.0), axis=0)  # >= 0
+    exponent = tl.maximum(((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -126)
+    to_fixed = ((1075 - exponent).to(tl.int64) << 52).to(tl.float64, bitcast=True)  # 2^(52 - exponent), exact
+    from_fixed = ((971 + exponent).to(tl.int64) << 52).to(tl.float64, bitcast=True)  # 2^(exponent - 52)
+    fixed = (tl.where(finite, partials, 0.0).to(tl.float64) * to_fixed).to(tl.int64)  # each < 2^53
+    total = tl.where(finite, (tl.sum(fixed, axis=0).to(tl.float64) * from_fixed).to(tl.float32), float_sum)
+    return tl.maximum(total / numel, eps)
+
+
+@triton.jit
+def ternarize_tensor_block(pid, n_programs, w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_partials, eps,
+                           BLOCK: tl.constexpr, PARTIALS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    """Program ``pid`` of ``n_programs`` of the per-tensor codes pass: the scale from the partial sums of |w|, then
+    one BLOCK of codes. A helper so that ``ternarize_and_quantize`` runs it beside the activations' quantization."""
+    scale = absmean_from_partials(partial_ptr, n_partials, numel, eps, PARTIALS)
     if pid == 0:
         tl.store(scale_ptr, scale)
     # Blocks last to first: the partial sums' grid-stride loops read the last blocks last, so the programs that start
     # first find them in L2 (H100, 9728x2560 bf16, both launches: 52.9 -> 51.0 us in an A/B; 53.2 -> 46.7 in a sweep).
-    offs = (tl.num_programs(0) - 1 - pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = (n_programs - 1 - pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q = ternary_codes(w, scale, DEQUANTIZE)
     tl.store(out_ptr + offs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ternarize_tensor_kernel(w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_partials, eps,
+                             BLOCK: tl.constexpr, PARTIALS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    ternarize_tensor_block(tl.program_id(0), tl.num_programs(0), w_ptr, out_ptr, partial_ptr, scale_ptr, numel,
+                           n_partials, eps, BLOCK, PARTIALS, DEQUANTIZE)
 
 
 @triton.jit
@@ -68,6 +93,15 @@ def _ternarize_rows_kernel(w_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_w, 
     q = ternary_codes(w, scale[:, None], DEQUANTIZE)
     out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
     tl.store(out_ptrs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+
+
+def abs_sum_partials(flat: torch.Tensor) -> torch.Tensor:
+    """First pass of the per-tensor scale over contiguous ``flat`` (launched on the current device): -> fp32 partial
+    sums of |w|, at most MAX_PARTIALS (one for an empty tensor), which the codes pass adds up."""
+    n_partials = max(1, min(cdiv(flat.numel(), BLOCK), MAX_PARTIALS))
+    partials = torch.empty(n_partials, device=flat.device, dtype=torch.float32)
+    launch(_abs_sum_partials_kernel, (n_partials,), flat, partials, flat.numel(), BLOCK=BLOCK, num_warps=8)
+    return partials
 
 
 def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool):
@@ -89,12 +123,10 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
     numel, device = flat.numel(), w.device
     out = torch.empty(w.shape, device=device, dtype=out_dtype)
     scale = torch.empty((), device=device, dtype=torch.float32)
-    n_blocks = cdiv(numel, BLOCK)
-    n_partials = max(1, min(n_blocks, MAX_PARTIALS))
-    partials = torch.empty(n_partials, device=device, dtype=torch.float32)
     with on_device(w):
-        launch(_abs_sum_partials_kernel, (n_partials,), flat, partials, numel, BLOCK=BLOCK, num_warps=8)
-        launch(_ternarize_tensor_kernel, (max(n_blocks, 1),),
+        partials = abs_sum_partials(flat)
+        n_partials = partials.numel()
+        launch(_ternarize_tensor_kernel, (max(cdiv(numel, BLOCK), 1),),  # >= 1: it writes an empty weight's scale
                flat, out, partials, scale, numel, n_partials, eps,
                BLOCK=BLOCK, PARTIALS=next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8,
                enable_fp_fusion=False)

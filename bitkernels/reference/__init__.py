@@ -13,6 +13,7 @@ from .quantization import (
     rmsnorm_fake_quantize,
     rmsnorm_quantize_int8,
     ternarize_absmean,
+    ternarize_and_quantize,
     ternarize_with_scale,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "rmsnorm_fake_quantize",
     "rmsnorm_quantize_int8",
     "ternarize_absmean",
+    "ternarize_and_quantize",
     "ternarize_with_scale",
 ]

@@ -68,6 +68,16 @@ def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e
     return quantize_activations_int8(rmsnorm(x.detach(), weight.detach(), eps), act_eps)
 
 
+def ternarize_and_quantize(w: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                           norm_eps: float = 1e-6, act_eps: float = ACT_EPS, weight_eps: float = WEIGHT_EPS):
+    """A BitLinear forward's two quantizations (per-tensor weight scale): -> (weight codes, weight scale [], x codes
+    [..., K], x scale [...]), with the SubLN RMSNorm before x's when ``norm_weight`` is given."""
+    w_codes, w_scale = ternarize_absmean(w, False, weight_eps)
+    x_codes, x_scale = (quantize_activations_int8(x, act_eps) if norm_weight is None
+                        else rmsnorm_quantize_int8(x, norm_weight, norm_eps, act_eps))
+    return w_codes, w_scale, x_codes, x_scale
+
+
 # Differentiable fake-quantized forms (straight-through estimator): value of the quantized tensor, gradient of
 # identity (of the RMSNorm where fused). Outputs take the input's dtype.
 
