@@ -147,8 +147,15 @@ def test_ternarize_and_quantize_equals_the_separate_ops(x_shape, w_rows, dtype, 
     _check_ternarize_and_quantize(w, x, nw)
 
 
+def test_ternarize_and_quantize_strided_inputs(device):
+    x = randn((5, 80), torch.float16, device, scale=2.0)[:, ::2]  # rows with a stride: copied to unit stride
+    w = randn((30, 80), torch.float32, device, scale=0.02)[:, ::2]  # not contiguous: the kernels index it flat
+    _check_ternarize_and_quantize(w, x, randn((40,), torch.float16, device) + 1)
+
+
 @pytest.mark.parametrize("subln", [True, False])
 def test_ternarize_and_quantize_long_rows_and_strided_inputs(subln, device, long_rows):
+    # Rows past SINGLE_PASS_MAX take the separate ops (ternarize_and_quantize's docstring): same results.
     x = randn((6, 100), torch.bfloat16, device, scale=2.0)
     x[:, -1] = 40.0  # the absmax in the last columns: the tail tile (or the last chunk) decides the scale
     w = randn((70, 200), torch.float32, device, scale=0.02)[:, ::2]  # not contiguous
@@ -157,7 +164,7 @@ def test_ternarize_and_quantize_long_rows_and_strided_inputs(subln, device, long
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [1024, 2048, 9728])
+@pytest.mark.parametrize("k", [1024, 2048, 9728])  # 9728: long rows, the separate ops
 def test_ternarize_and_quantize_same_weight_scale_as_ternarize_over_many_weights(k, device):
     # A float sum of the partial sums follows each launch's layout: added that way, 8-11 weights in 24 got a scale an
     # ulp away from ternarize's own in x's launch (H200, K=1024). The interpreter has no layouts: GPU only.
