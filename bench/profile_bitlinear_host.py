@@ -3,6 +3,7 @@
     python bench/profile_bitlinear_host.py [--shapes 8192x2048x6144,8192x1024x3072] [--out path.json]
     python bench/profile_bitlinear_host.py --pieces [--shapes 8192x2048x6144]     # host time of each piece of `ours`
     python bench/profile_bitlinear_host.py --ab REV [--repeats 7]                 # host time of `ours` vs git REV's
+    python bench/profile_bitlinear_host.py --ab DIR                               # ... vs DIR/bitkernels (no git)
 
 For each shape (tokens x in x out) and implementation of the bitlinear suite (ours eager, ours under torch.compile
 default and reduce-overhead modes, plain RMSNorm + nn.Linear eager / compiled / CUDA graphs), three numbers per
@@ -30,6 +31,7 @@ import io
 import json
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,7 +187,14 @@ def profile_pieces(shapes, repeats: int) -> list[dict]:
 def package_at(rev: str, parent: pathlib.Path):
     """``bitkernels`` as of git revision ``rev``, importable beside the working tree's: extracted under ``parent`` as
     ``bitkernels_<sha>`` (relative imports inside the package keep it self-contained), its custom ops registered in
-    their own ``bitkernels_<sha>::`` namespace (two packages defining ``bitkernels::*`` could not both import)."""
+    their own ``bitkernels_<sha>::`` namespace (two packages defining ``bitkernels::*`` could not both import).
+    ``rev`` may instead be a directory holding an extracted ``bitkernels/``, for machines whose copy of the checkout
+    has no git history (made where it has: ``mkdir -p D && git archive REV bitkernels | tar -x -C D``)."""
+    given = pathlib.Path(rev)
+    if (given / "bitkernels" / "__init__.py").is_file():
+        name = "bitkernels_" + re.sub(r"\W", "_", given.resolve().name)
+        shutil.copytree(given / "bitkernels", parent / name, ignore=shutil.ignore_patterns("__pycache__"))
+        return _import_renamed(parent, name)
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--short=10", f"{rev}^{{commit}}"],
                              check=True, capture_output=True, text=True).stdout.strip()
@@ -195,12 +204,17 @@ def package_at(rev: str, parent: pathlib.Path):
         detail = getattr(e, "stderr", b"") or str(e)
         detail = detail.decode() if isinstance(detail, bytes) else detail
         raise SystemExit(f"--ab: cannot read bitkernels at git revision {rev!r} ({detail.strip()}); pass a commit of "
-                         "this repository") from e
+                         "this repository, or a directory holding an extracted bitkernels/") from e
     name = f"bitkernels_{sha}"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         # only plain files under parent (Pythons with extraction filters; the archive is this repository's own)
         tar.extractall(parent, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (parent / "bitkernels").rename(parent / name)
+    return _import_renamed(parent, name)
+
+
+def _import_renamed(parent: pathlib.Path, name: str):
+    """Import ``parent/name`` (a copy of bitkernels) with its custom ops renamed into the ``name::`` namespace."""
     for path in (parent / name).rglob("*.py"):
         text = path.read_text()
         renamed = re.sub(r"\bbitkernels::", f"{name}::", text).replace("torch.ops.bitkernels.", f"torch.ops.{name}.")
@@ -281,7 +295,8 @@ def main(argv=None) -> int:
                    "at least 3; --ab: at least 5)")
     p.add_argument("--pieces", action="store_true", help="host time of each piece of ours' step instead")
     p.add_argument("--ab", metavar="REV", default=None, help="host time of ours' step and forward against the "
-                   "bitkernels package of git revision REV (default shapes 2048x2048x6144,8192x2048x6144)")
+                   "bitkernels package of git revision REV, or of a directory holding an extracted bitkernels/ "
+                   "(default shapes 2048x2048x6144,8192x2048x6144)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -1,6 +1,9 @@
 """Benchmark helpers: what they time must be what they say (variants take effect, swept kernels are correct)."""
+import io
 import os
 import pathlib
+import subprocess
+import tarfile
 import types
 
 import pytest
@@ -116,3 +119,14 @@ def test_host_ab_imports_an_earlier_revision_beside_the_working_tree(tmp_path):
     assert not profile_bitlinear_host.ab_steps(16, 64, 96, doubled, torch.device("cpu"))[1]
     with pytest.raises(SystemExit, match="cannot read bitkernels at git revision"):
         profile_bitlinear_host.package_at("no-such-revision", tmp_path)
+    # A copy of the checkout without git history (the device machines'): the revision as an extracted directory.
+    extracted, imports = tmp_path / "old rev-1", tmp_path / "imports"
+    imports.mkdir()
+    archive = subprocess.run(["git", "-C", str(profile_bitlinear_host.ROOT), "archive", "HEAD", "bitkernels"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(extracted, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    from_dir = profile_bitlinear_host.package_at(str(extracted), imports)
+    assert from_dir.__name__ == "bitkernels_old_rev_1.ops"
+    assert hasattr(torch.ops.bitkernels_old_rev_1, "bitlinear_forward")
+    assert profile_bitlinear_host.ab_steps(16, 64, 96, from_dir, torch.device("cpu"))[1]
