@@ -9,10 +9,10 @@ program runs the separate kernels' own code (``ternarize_tensor_block``, ``rmsno
 ``quantize_activation_rows``), and the weight scale does not depend on the launch (``absmean_from_partials``), so
 codes and scales are the separate ops' bit for bit.
 
-H100 kernel time against the separate ops (profiler, 2026-12-05; x 8192 rows, 2048 in brackets): 0.84x (0.86x) at
-1024 columns with a 3072x1024 weight, 0.96x (0.95x) at 2048 / 6144x2048, 0.98x (0.98x) at 2560 / 9728x2560. Rows
-longer than SINGLE_PASS_MAX (one a program, in head and tail tiles) ran 1.07x (1.05x) at 9728 columns: those take the
-separate ops. Per-channel weight scales keep their own single-launch kernel.
+H100 kernel time against 10bdaa3's separate ops (profiler, 2026-12-05; x 8192 rows, 2048 in brackets): 0.84x (0.87x)
+at 1024 columns with a 3072x1024 weight, 0.97x (0.95x) at 2048 / 6144x2048, 0.97x (0.98x) at 2560 / 9728x2560. Rows
+longer than SINGLE_PASS_MAX (one a program, in head and tail tiles) ran 1.07x (1.05x) in one launch at 9728 columns:
+those take the separate ops. Per-channel weight scales keep their own single-launch kernel.
 """
 from __future__ import annotations
 
