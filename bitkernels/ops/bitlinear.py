@@ -31,12 +31,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..reference.bitlinear import bitlinear_grad_weight  # a plain cuBLAS GEMM: the reference is the op
 from ..reference.quantization import ACT_EPS, WEIGHT_EPS
 from ._common import as_rows, check_row_length
-from .act_quant import quantize_activations_int8
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
-from .rmsnorm_quant import rmsnorm_backward, rmsnorm_backward_and_dequantize, rmsnorm_quantize_int8_forward
+from .rmsnorm_quant import rmsnorm_backward, rmsnorm_backward_and_dequantize
 from .ternarize import ternarize_absmean
-from .ternarize_and_quantize import ternarize_and_quantize_forward
+from .ternarize_and_quantize import quantize_input, ternarize_and_quantize_forward
 
 
 # Fused optimizers (``torch.optim.AdamW(fused=True)``, the "adamw_torch_fused" default of recent HF Trainers) write
@@ -81,14 +80,6 @@ def ternarize_cached(weight: torch.Tensor, per_channel: bool = False, eps: float
     return codes, scale
 
 
-def quantize_input(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float, act_eps: float):
-    """Rows [M, K] -> (int8 codes, fp32 per-token scale, fp32 1/rms or None): SubLN fused with the quantization."""
-    if norm_weight is None:
-        codes, scale = quantize_activations_int8(x2, act_eps)
-        return codes, scale, None
-    return rmsnorm_quantize_int8_forward(x2, norm_weight, norm_eps, act_eps)
-
-
 def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """grad_x [M, K] = grad_y [M, N] @ (Wq * s), Wq int8 [N, K], s per tensor [] or per output channel [N]; the
     dequantized weight is rounded to grad_y's dtype, as the reference's fake-quantized weight is. ``torch.mm``, not
@@ -111,8 +102,9 @@ def bitlinear_forward_impl(x, bias, norm_weight, w_codes, w_scale, norm_eps: flo
     """The forward on tensors alone (no autograd): -> (y [..., N], x's int8 codes [M, K], their fp32 scale [M],
     fp32 1/rms [M] or None without SubLN). ``quantized``: those three, already made (``ternarize_and_quantize``).
     Shared by the eager autograd Function and the custom op."""
-    x2 = as_rows(x)
-    codes, a_scale, rstd = quantize_input(x2, norm_weight, norm_eps, act_eps) if quantized is None else quantized
+    if quantized is None:
+        quantized = quantize_input(as_rows(x), norm_weight, norm_eps, act_eps)
+    codes, a_scale, rstd = quantized
     y = int8_matmul(codes, w_codes, a_scale, w_scale, bias, out_dtype=out_dtype)
     if x.dim() != 2:  # a reshape, even a no-op one, costs ~10 us of host time on the H100 host
         y = y.reshape(*x.shape[:-1], w_codes.shape[0])

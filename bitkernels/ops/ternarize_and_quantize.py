@@ -46,6 +46,15 @@ def _ternarize_and_quantize_kernel(w_ptr, w_codes_ptr, partial_ptr, w_scale_ptr,
                                  stride_codes, act_eps, BLOCK_N, ROWS, False, False)
 
 
+def quantize_input(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float, act_eps: float):
+    """Rows [M, K] -> (int8 codes, fp32 per-token scale, fp32 1/rms or None): SubLN fused with the quantization. The x
+    half alone, in its own launch: for cached weight codes, and for rows that take the separate ops."""
+    if norm_weight is None:
+        codes, scale = quantize_activations_int8(x2, act_eps)
+        return codes, scale, None
+    return rmsnorm_quantize_int8_forward(x2, norm_weight, norm_eps, act_eps)
+
+
 def ternarize_and_quantize_forward(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None,
                                    norm_eps: float = 1e-6, act_eps: float = ACT_EPS, weight_eps: float = WEIGHT_EPS):
     """``ternarize_absmean(weight)`` (per tensor) and the forward quantization of rows ``x`` [M, K] (SubLN RMSNorm
@@ -58,10 +67,7 @@ def ternarize_and_quantize_forward(weight: torch.Tensor, x: torch.Tensor, norm_w
     m, n = x2.shape
     tiling = row_tiling(n)
     if tiling.tail or tiling.chunked:  # long rows: the separate launches were faster (module docstring)
-        w_codes, w_scale = ternarize_absmean(weight, False, weight_eps)
-        if norm_weight is None:
-            return (w_codes, w_scale, *quantize_activations_int8(x2, act_eps), None)
-        return (w_codes, w_scale, *rmsnorm_quantize_int8_forward(x2, norm_weight, norm_eps, act_eps))
+        return (*ternarize_absmean(weight, False, weight_eps), *quantize_input(x2, norm_weight, norm_eps, act_eps))
     flat = weight if weight.is_contiguous() else weight.contiguous()
     norm_weight = None if norm_weight is None else norm_weight.contiguous()
     device = x.device
