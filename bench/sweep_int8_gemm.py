@@ -5,6 +5,7 @@ epilogue split in two column halves. An experiment for what to ship next, not a 
     TRITON_INTERPRET=1 python bench/sweep_int8_gemm.py                           # CPU: check only, tiny shapes
     python bench/sweep_int8_gemm.py --baseline old_int8_matmul.py                # also an earlier int8_matmul.py
     python bench/sweep_int8_gemm.py --shapes 8192x1024x3072 --compile-budget 0   # other shapes; no variants
+    python bench/sweep_int8_gemm.py --set occupancy                              # two programs an SM
 
 ``--baseline``: a copy of an earlier ``bitkernels/ops/int8_matmul.py`` (``git show REV:bitkernels/ops/int8_matmul.py
 > old.py``; the device machine gets no git history), checked bit for bit against the shipped kernel (with and without
@@ -77,7 +78,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _int8_gemm_variant(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-                       NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
                        SUBTILE: tl.constexpr):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -88,15 +89,15 @@ def _int8_gemm_variant(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, s
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     # The epilogue recomputes its tile from a second counter: a value used both before the K loop and after it
     # would tie the (flattened, specialized) loop's stages together.
-    tile_id_c = tl.program_id(0) - NUM_SMS
-    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WS):
+    tile_id_c = tl.program_id(0) - NUM_PROGRAMS
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WS):
         pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        tile_id_c += NUM_SMS
+        tile_id_c += NUM_PROGRAMS
         pid_m, pid_n = _tile_ids(tile_id_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -115,14 +116,39 @@ def _int8_gemm_variant(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K, s
                              M, N, stride_cm, 1, False, False)
 
 
-def run_variant(a, b, a_scale, b_scale, variant: dict, num_sms: int) -> torch.Tensor:
+def run_variant(a, b, a_scale, b_scale, variant: dict, num_sms: int, resources: dict | None = None) -> torch.Tensor:
+    """One variant's GEMM; ``resources``, if given, receives its kernel's registers a thread and shared memory."""
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty((m, n), device=a.device, dtype=torch.bfloat16)
-    grid = (min(num_sms, triton.cdiv(m, variant["BLOCK_M"]) * triton.cdiv(n, variant["BLOCK_N"])),)
-    _int8_gemm_variant[grid](a, b, c, a_scale, b_scale, m, n, k, a.stride(0), b.stride(0), c.stride(0),
-                             NUM_SMS=num_sms, GROUP_M=8 if not INTERPRET else 2, **variant)
+    meta = {name: value for name, value in variant.items() if name != "PROGRAMS_PER_SM"}
+    programs = min(num_sms * variant.get("PROGRAMS_PER_SM", 1),
+                   triton.cdiv(m, variant["BLOCK_M"]) * triton.cdiv(n, variant["BLOCK_N"]))
+    kernel = _int8_gemm_variant[(programs,)](a, b, c, a_scale, b_scale, m, n, k, a.stride(0), b.stride(0),
+                                             c.stride(0), NUM_PROGRAMS=programs, GROUP_M=8 if not INTERPRET else 2,
+                                             **meta)
+    if resources is not None and not INTERPRET:
+        resources.update(regs=kernel.n_regs, shared=kernel.metadata.shared)
     return c
+
+
+def occupancy_variants() -> list[dict]:
+    """Two programs resident on each SM (``--set occupancy``): tiles of one warpgroup (or two of 64 rows) small enough
+    that two fit an SM's registers and shared memory, so that one program's epilogue overlaps the other's main loop
+    (what a ping-pong schedule does with two consumer warpgroups; with one program an SM the MMAs idle while it
+    stores). Before this sweep the shipped kernel ran one an SM and spent ~66 us at K=1024 on 51.5 GOP where its main
+    loops alone would take ~42 (bench/notes/bitlinear.md "v16", which shipped the winner). One program an SM of the
+    same tiles, and the 128x256 tile, as controls."""
+    if INTERPRET:
+        tiles = [(16, 32, 32, 4, 1, 2)]
+    else:  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM)
+        tiles = [(128, 256, 128, 8, 4, 1), (128, 128, 128, 4, 3, 1), (128, 128, 128, 4, 3, 2), (128, 128, 128, 4, 2, 2),
+                 (128, 128, 64, 4, 4, 2), (128, 128, 64, 4, 3, 2), (128, 128, 128, 8, 3, 2), (128, 128, 64, 8, 4, 2),
+                 (64, 256, 64, 4, 4, 2), (128, 128, 64, 4, 3, 3)]
+    epilogues = [(False, True, True, True), (False, True, False, False)]  # the shipped two-half store; pointer store
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WS=ws, FLATTEN=fl, TMA_STORE=ts, SUBTILE=st, num_warps=w,
+                 num_stages=s, PROGRAMS_PER_SM=ppsm)
+            for ws, fl, ts, st in epilogues for bm, bn, bk, w, s, ppsm in tiles]
 
 
 def variants() -> list[dict]:
@@ -144,7 +170,9 @@ def variants() -> list[dict]:
 
 def label(v: dict) -> str:
     flags = [name for name in ("WS", "FLATTEN", "TMA_STORE", "SUBTILE") if v[name]]
-    return f"{v['BLOCK_M']}x{v['BLOCK_N']}x{v['BLOCK_K']} w{v['num_warps']} s{v['num_stages']} {'+'.join(flags)}"
+    programs = f" p{v['PROGRAMS_PER_SM']}" if "PROGRAMS_PER_SM" in v else ""
+    return (f"{v['BLOCK_M']}x{v['BLOCK_N']}x{v['BLOCK_K']} w{v['num_warps']} s{v['num_stages']}{programs} "
+            f"{'+'.join(flags)}")
 
 
 def main(argv=None) -> int:
@@ -154,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default=None, help="an earlier bitkernels/ops/int8_matmul.py to check and time too")
     p.add_argument("--shapes", default="8192x2048x6144,8192x2560x9728,8192x9728x2560,2048x2048x6144",
                    help="GPU shapes, MxKxN (tokens x in x out), comma-separated")
+    p.add_argument("--top", type=int, default=8, help="variants printed per shape, fastest first")
+    p.add_argument("--set", choices=("epilogues", "occupancy"), default="epilogues",
+                   help="which variants: warp specialization and epilogues (default), or two programs an SM")
     args = p.parse_args(argv)
     baseline = load_baseline(args.baseline) if args.baseline else None
     if INTERPRET:
@@ -174,14 +205,17 @@ def main(argv=None) -> int:
         b_scale = torch.rand((), device=device)
         data[(m, k, n)] = (a, b, a_scale, b_scale, ops.int8_matmul(a, b, a_scale, b_scale, out_dtype=torch.bfloat16,
                                                                     tma=True))
-    started, usable, failures = time.time(), [], {}
-    for v in variants():  # compile and check on every shape first
+    started, usable, failures, resources = time.time(), [], {}, {}
+    for v in (occupancy_variants() if args.set == "occupancy" else variants()):  # compile, check on every shape first
         if time.time() - started > args.compile_budget:
             failures[label(v)] = "skipped: compile budget spent"
             continue
         try:
+            used = {}
             wrong = [s for s, (a, b, sa, sb, want) in data.items()
-                     if not torch.equal(run_variant(a, b, sa, sb, v, num_sms), want)]
+                     if not torch.equal(run_variant(a, b, sa, sb, v, num_sms, used), want)]
+            if used:
+                resources[label(v)] = used
         except Exception as exc:  # a variant this Triton cannot compile
             failures[label(v)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             continue
@@ -220,12 +254,15 @@ def main(argv=None) -> int:
         print(f"\n{row['shape']}: shipped {row['shipped_us']:.1f} us ({ops_ / row['shipped_us'] / 1e6:.0f} TOP/s), "
               f"cuBLAS bf16 {row['cublas_bf16_us']:.1f} us"
               + (f", baseline {row['baseline_us']:.1f} us" if baseline is not None else ""))
-        for name, t in sorted(row["variants_us"].items(), key=lambda kv: kv[1])[:8]:
-            print(f"  {t:8.1f} us {ops_ / t / 1e6:6.0f} TOP/s  {name}")
+        for name, t in sorted(row["variants_us"].items(), key=lambda kv: kv[1])[:args.top]:
+            used = resources.get(name)
+            print(f"  {t:8.1f} us {ops_ / t / 1e6:6.0f} TOP/s  {name}"
+                  + (f"  ({used['regs']} regs, {used['shared']} B shared)" if used else ""))
     meta = {"device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
             "torch": torch.__version__, "triton": triton.__version__}
-    out = write_results({"meta": meta, "not_timed": failures, "rows": results}, args.out, meta,
-                        "-int8-gemm-variants")
+    out = write_results({"meta": meta, "set": args.set, "not_timed": failures, "resources": resources,
+                         "rows": results}, args.out, meta,
+                        "-int8-gemm-variants" + ("-occupancy" if args.set == "occupancy" else ""))
     print(f"\nwrote {out}")
     return 0
 

@@ -35,6 +35,8 @@ def test_int8_gemm_variant_sweep_checks_against_the_shipped_kernel():
     from bench import sweep_int8_gemm
 
     assert sweep_int8_gemm.main([]) == 0
+    # --set occupancy: programs walking tiles with a stride of two programs an SM (the interpreter's "SMs": 2)
+    assert sweep_int8_gemm.main(["--set", "occupancy"]) == 0
 
 
 @interpreter_only

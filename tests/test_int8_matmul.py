@@ -93,8 +93,8 @@ def _tma_operands(m, n, k, seed):
 def test_int8_matmul_every_tma_config_gives_the_pointer_kernels_bits(device, monkeypatch, per_channel, with_bias,
                                                                      dtype):
     # Each config the autotuner may pick, forced alone (the tests otherwise run the untuned default only): the
-    # pointer-store and the two-half descriptor-store epilogues, persistent programs walking several tiles with
-    # partial tiles in M and N. On the CPU the interpreter's small tile, with either epilogue.
+    # pointer-store and the two-half descriptor-store epilogues, persistent programs (one or two an SM) walking
+    # several tiles with partial tiles in M and N. On the CPU the interpreter's small tile, each epilogue and count.
     import sys
 
     import triton
@@ -104,11 +104,13 @@ def test_int8_matmul_every_tma_config_gives_the_pointer_kernels_bits(device, mon
     im = sys.modules["bitkernels.ops.int8_matmul"]
     if device.type == "cpu":
         small = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}
-        configs = [triton.Config({**small, "TMA_STORE": store}, num_warps=4, num_stages=1) for store in (False, True)]
-        m, n, k = 37, 40, 96
+        configs = [triton.Config({**small, "TMA_STORE": store, "PROGRAMS_PER_SM": programs}, num_warps=4,
+                                 num_stages=1) for programs in (1, 2) for store in (False, True)]
+        m, n, k = 37, 40, 96  # 6 tiles on the CPU's 2 "SMs": 2 or 4 programs, some walking several tiles
     else:
         configs = im.config_list(im.TMA_TILES)
-        m, n, k = 2100, 2312, 256  # 170 tiles of 128x256 on <= 132 SMs; 52 rows and 8 columns in the last ones
+        m, n, k = 2100, 2312, 256  # 170 tiles of 128x256 (323 of 128x128) on <= 132 SMs; 52 rows and 8 columns in
+        # the last ones
     assert any(c.kwargs["TMA_STORE"] for c in configs) and not all(c.kwargs["TMA_STORE"] for c in configs)
     torch.manual_seed(0)
     a, b = codes(m, k, device=device), codes(n, k, lo=-1, hi=1, device=device)
@@ -133,6 +135,7 @@ def test_int8_matmul_every_tma_config_gives_the_pointer_kernels_bits(device, mon
         assert torch.equal(ops.int8_matmul(a, b, sa, sb, bias, out_dtype=dtype, tma=True), pointer), config  # tuned
         ran.append(config.kwargs["TMA_STORE"])
     assert ran[0] is False and True in ran, ran
+    assert {c.kwargs["PROGRAMS_PER_SM"] for c in configs} == {1, 2}
 
 
 def test_int8_matmul_tma_store_configs_need_aligned_output_rows():

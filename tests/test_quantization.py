@@ -97,6 +97,27 @@ def test_ternarize_large_tensor_uses_many_partials(device):
     assert_ternary_codes(codes, w, scale, False)
 
 
+@pytest.mark.parametrize("w_shape", [(130, 97), (300, 97), (7, 3)])
+def test_ternarize_programs_taking_several_blocks_give_the_same_codes(w_shape, device, monkeypatch):
+    # Large weights take 2 or 4 blocks a codes program (codes_chunks); with its program floor lowered these small ones
+    # do too (12610 elements: 2 blocks of 4096 a program; 29100: 4, the last program partly past the end): the same
+    # codes and scale as one block a program, in the codes pass and in x's launch.
+    import sys
+
+    tern = sys.modules["bitkernels.ops.ternarize"]
+    w = randn(w_shape, torch.bfloat16, device, scale=0.02)
+    x = randn((5, w_shape[1]), torch.bfloat16, device, scale=2.0)
+    nw = randn(w_shape[1:], torch.bfloat16, device) + 1
+    one_block = ops.ternarize_absmean(w), ops.ternarize_and_quantize(w, x, nw)
+    assert tern.codes_chunks(w.numel(), tern.BLOCK) == 1
+    monkeypatch.setattr(tern, "MIN_CODES_PROGRAMS", 1)
+    assert tern.codes_chunks(w.numel(), tern.BLOCK) == {130: 2, 300: 4, 7: 1}[w_shape[0]]
+    several = ops.ternarize_absmean(w), ops.ternarize_and_quantize(w, x, nw)
+    for a, b in zip((*one_block[0], *one_block[1]), (*several[0], *several[1])):
+        assert torch.equal(a, b)
+    _check_ternarize_and_quantize(w, x, nw)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_ternarize_zero_weights_is_defined(per_channel, device):
     w = torch.zeros(8, 20, device=device)

@@ -53,31 +53,19 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _cache_lookup(weight: torch.Tensor, per_channel: bool, eps: float, cache: dict | None):
-    """-> (the cache key of ``weight``'s codes, (codes, scale) if ``cache`` holds them for it, else None)."""
+    """-> (the cache key of ``weight``'s codes, (codes, scale) if ``cache`` holds them for it, else None).
+
+    The key is the count of torch.optim steps taken in this process, the parameter's version counter (bumped by
+    in-place updates: ``load_state_dict``, ``copy_`` under ``no_grad``), its storage, device, dtype and shape, and the
+    quantization settings: eval passes and gradient-accumulation micro-steps reuse the codes. Writes through
+    ``weight.data`` and optimizers outside torch.optim bypass both counters; call ``cache.clear()`` after those.
+    ``bitlinear`` stores a miss's new codes under the key (one entry: the weight's latest version)."""
     if cache is None:
         return None, None
     key = (_optimizer_steps, weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
            per_channel, eps)
     hit = cache.get("entry")
     return key, (hit[1], hit[2]) if hit is not None and hit[0] == key else None
-
-
-def ternarize_cached(weight: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS,
-                     cache: dict | None = None):
-    """``ternarize_absmean(weight)``, reused while the weight is unchanged.
-
-    The key is the count of torch.optim steps taken in this process, the parameter's version counter (bumped by
-    in-place updates: ``load_state_dict``, ``copy_`` under ``no_grad``), its storage, device, dtype and shape, and the
-    quantization settings: eval passes and gradient-accumulation micro-steps reuse the codes. Writes through
-    ``weight.data`` and optimizers outside torch.optim bypass both counters; call ``cache.clear()`` after those.
-    """
-    key, hit = _cache_lookup(weight, per_channel, eps, cache)
-    if hit is not None:
-        return hit
-    codes, scale = ternarize_absmean(weight, per_channel, eps)
-    if key is not None:
-        cache["entry"] = (key, codes, scale)
-    return codes, scale
 
 
 def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

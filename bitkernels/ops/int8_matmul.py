@@ -25,11 +25,12 @@ except ImportError:  # pragma: no cover - depends on the Triton version
 
 
 def config_list(tiles: list[tuple]) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PERSISTENT[, TMA_STORE]]) tuples."""
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PERSISTENT, TMA_STORE, PROGRAMS_PER_SM])
+    tuples."""
     configs = []
     for bm, bn, bk, warps, stages, *tma_flags in tiles:
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-        meta.update(zip(("PERSISTENT", "TMA_STORE"), tma_flags))
+        meta.update(zip(("PERSISTENT", "TMA_STORE", "PROGRAMS_PER_SM"), tma_flags))
         configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return configs
 
@@ -45,30 +46,38 @@ def _configs(tiles: list[tuple], interpreter_config: dict) -> list[triton.Config
 # Pointer kernel (any GPU, any strides). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128x256 / 256x128 tiles
 # with 8 warps (two warpgroups of wgmma) and 3-4 stages fit Hopper's 227 KB of shared memory; 128x128 and 64-row
 # tiles for small M or N and for Ampere (whose 164 KB rejects the deepest configs at compile time, which the
-# autotuner skips). The first fits both.
+# autotuner skips). The first fits both. 128x128x128 with one warpgroup at 3 stages leaves room for two programs an
+# SM, whose epilogues and main loops then overlap (see TMA_TILES): alone, 0.88x the time of the tuned list without it
+# at 8192x1024x3072 and 2048x2048x6144, the shapes that stay on this kernel (H100, notes "v16").
 _POINTER_CONFIGS = _configs([
     (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
-    (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4),
+    (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4), (128, 128, 128, 4, 3),
 ], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT, TMA_STORE): the 3-stage tiles
-# from a 38-variant sweep on the H100 (2026-11-23, bench/notes/bitlinear.md "v6"), the 4-stage ones from
-# bench/sweep_int8_gemm.py (H200 and H100, 2026-12-05, notes "v12"/"v13": 2-6% faster at 8192 tokens), also with the
-# output stored through a descriptor in two column halves (TMA_STORE; in that sweep 5% faster than the same tile
+# TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT, TMA_STORE, PROGRAMS_PER_SM):
+# the 3-stage tiles from a 38-variant sweep on the H100 (2026-11-23, bench/notes/bitlinear.md "v6"), the 4-stage ones
+# from bench/sweep_int8_gemm.py (H200 and H100, 2026-12-05, notes "v12"/"v13": 2-6% faster at 8192 tokens), also with
+# the output stored through a descriptor in two column halves (TMA_STORE; in that sweep 5% faster than the same tile
 # storing through pointers at K=1024, 2% at K=2048, within 1% at K=2560 and 9728: the autotuner picks per shape).
+# Two programs an SM (PROGRAMS_PER_SM=2, one warpgroup and a 128x128 tile each, 168-210 registers a thread and
+# 106-115 KB of shared memory: two fit): one program's epilogue runs while the other's MMAs do, which a single
+# program an SM cannot overlap (its warps both store and multiply). `--set occupancy` of the sweep (H100, notes
+# "v16"): 23% less time at K=1024, 12% at K=2048, 6% at K=2560, 16% at 2048 tokens; 7% more at K=9728, where the
+# 128x256 tiles' longer K loops amortize their epilogue and keep their edge.
 # Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K bytes of operand tiles (4 x 48 KiB at 128x256x128) plus what
 # the epilogue stages (a whole tile staged for a TMA store beside 4 stages needs 262176 bytes of 232448; so does
 # 256x128x128 at 4 stages storing through pointers when N is not a multiple of 16); configs that do not fit fail to
 # compile and the autotuner drops them. The first is the untuned default (BITKERNELS_AUTOTUNE=0):
 # it must fit and store through pointers (any output row alignment). A float32 output fits none (tma_output_ok).
 TMA_TILES = [
-    (128, 256, 128, 8, 3, True, False), (256, 128, 128, 8, 3, True, False), (128, 256, 128, 8, 4, True, False),
-    (256, 128, 128, 8, 4, True, False), (128, 256, 128, 8, 4, True, True), (256, 128, 128, 8, 4, True, True),
-    (128, 128, 256, 8, 3, True, False), (128, 128, 256, 8, 3, False, False),
+    (128, 256, 128, 8, 3, True, False, 1), (256, 128, 128, 8, 3, True, False, 1), (128, 256, 128, 8, 4, True, False, 1),
+    (256, 128, 128, 8, 4, True, False, 1), (128, 256, 128, 8, 4, True, True, 1), (256, 128, 128, 8, 4, True, True, 1),
+    (128, 128, 256, 8, 3, True, False, 1), (128, 128, 256, 8, 3, False, False, 1),
+    (128, 128, 128, 4, 3, True, True, 2), (128, 128, 128, 4, 3, True, False, 2),
 ]
 _TMA_CONFIGS = _configs(TMA_TILES, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
-                                    "TMA_STORE": False})
+                                    "TMA_STORE": False, "PROGRAMS_PER_SM": 2})
 
 
 def _prune_tma_store(configs, named_args, **kwargs):
@@ -172,12 +181,14 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
                             stride_am, stride_bn, stride_cm, stride_cn, NUM_SMS: tl.constexpr,
                             PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr):
+                            GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr,
+                            PROGRAMS_PER_SM: tl.constexpr):
     # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. The
     # descriptors are built here, on the device, in the launch's scratch memory: host descriptors, which Triton's
     # launcher encodes on every call, cost ~20 us more host time a call on the H100 host for the same GPU time. A
     # persistent grid (one program per SM walking tiles) with the tile and K loops flattened lets the next tile's
-    # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel.
+    # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel. PROGRAMS_PER_SM
+    # such programs share each SM (see TMA_TILES).
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if TMA_STORE:  # in two column halves: half a tile of staging, which is what lets a 4th stage fit beside it
@@ -185,7 +196,7 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
                                            block_shape=[BLOCK_M, BLOCK_N // 2])
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
-        step = NUM_SMS
+        step = NUM_SMS * PROGRAMS_PER_SM
     else:  # one tile per program
         step = num_tiles
     # The epilogue finds its tile from a second counter rather than keeping the offsets from before the K loop across
@@ -319,7 +330,7 @@ def int8_matmul(a_codes: torch.Tensor, b_codes: torch.Tensor, a_scale: torch.Ten
 
             def grid(meta):
                 tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
-                return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+                return (min(tiles, sms * meta["PROGRAMS_PER_SM"]) if meta["PERSISTENT"] else tiles,)
 
             _launch_autotuned(_int8_matmul_tma_kernel, key, grid, (
                 a_codes, b_codes, out, a_scale, b_scale, bias_arg, m, n, k, m_key, a_codes.stride(0),

@@ -59,26 +59,44 @@ def absmean_from_partials(partial_ptr, n_partials, numel, eps, PARTIALS: tl.cons
 
 @triton.jit
 def ternarize_tensor_block(pid, n_programs, w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_partials, eps,
-                           BLOCK: tl.constexpr, PARTIALS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+                           BLOCK: tl.constexpr, CHUNKS: tl.constexpr, PARTIALS: tl.constexpr,
+                           DEQUANTIZE: tl.constexpr):
     """Program ``pid`` of ``n_programs`` of the per-tensor codes pass: the scale from the partial sums of |w|, then
-    one BLOCK of codes. A helper so that ``ternarize_and_quantize`` runs it beside the activations' quantization."""
+    CHUNKS blocks of BLOCK codes. A helper so that ``ternarize_and_quantize`` runs it beside the activations'
+    quantization."""
     scale = absmean_from_partials(partial_ptr, n_partials, numel, eps, PARTIALS)
     if pid == 0:
         tl.store(scale_ptr, scale)
     # Blocks last to first: the partial sums' grid-stride loops read the last blocks last, so the programs that start
     # first find them in L2 (H100, 9728x2560 bf16, both launches: 52.9 -> 51.0 us in an A/B; 53.2 -> 46.7 in a sweep).
-    offs = (n_programs - 1 - pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = ternary_codes(w, scale, DEQUANTIZE)
-    tl.store(out_ptr + offs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+    for c in tl.static_range(CHUNKS):
+        offs = ((n_programs - pid) * CHUNKS - 1 - c).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = ternary_codes(w, scale, DEQUANTIZE)
+        tl.store(out_ptr + offs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
+
+
+MIN_CODES_PROGRAMS = 256
+
+
+def codes_chunks(numel: int, block: int) -> int:
+    """Blocks a codes program takes: each program first adds up the partial sums (``absmean_from_partials``: three
+    block reductions), so larger weights take fewer, longer programs, as long as MIN_CODES_PROGRAMS remain. H100,
+    2026-12-05 (notes "v16"), both launches, 4096-element blocks: 3072x1024 7.3 -> 6.8 us at 2 a program, 6144x2048
+    21.1 -> 18.4 and 9728x2560 45.5 -> 41.2 at 4."""
+    for chunks in (4, 2):
+        if numel >= MIN_CODES_PROGRAMS * chunks * block:
+            return chunks
+    return 1
 
 
 @triton.jit
 def _ternarize_tensor_kernel(w_ptr, out_ptr, partial_ptr, scale_ptr, numel, n_partials, eps,
-                             BLOCK: tl.constexpr, PARTIALS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+                             BLOCK: tl.constexpr, CHUNKS: tl.constexpr, PARTIALS: tl.constexpr,
+                             DEQUANTIZE: tl.constexpr):
     ternarize_tensor_block(tl.program_id(0), tl.num_programs(0), w_ptr, out_ptr, partial_ptr, scale_ptr, numel,
-                           n_partials, eps, BLOCK, PARTIALS, DEQUANTIZE)
+                           n_partials, eps, BLOCK, CHUNKS, PARTIALS, DEQUANTIZE)
 
 
 @triton.jit
@@ -124,12 +142,13 @@ def _ternarize(w: torch.Tensor, per_channel: bool, eps: float, dequantize: bool)
     numel, device = flat.numel(), w.device
     out = torch.empty(w.shape, device=device, dtype=out_dtype)
     scale = torch.empty((), device=device, dtype=torch.float32)
+    chunks = codes_chunks(numel, BLOCK)
     with on_device(w):
         partials = abs_sum_partials(flat)
         n_partials = partials.numel()
-        launch(_ternarize_tensor_kernel, (max(cdiv(numel, BLOCK), 1),),  # >= 1: it writes an empty weight's scale
+        launch(_ternarize_tensor_kernel, (max(cdiv(numel, BLOCK * chunks), 1),),  # >= 1: writes an empty one's scale
                flat, out, partials, scale, numel, n_partials, eps,
-               BLOCK=BLOCK, PARTIALS=next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8,
+               BLOCK=BLOCK, CHUNKS=chunks, PARTIALS=next_power_of_2(n_partials), DEQUANTIZE=dequantize, num_warps=8,
                enable_fp_fusion=False)
     return out, scale
 

@@ -9,10 +9,11 @@ program runs the separate kernels' own code (``ternarize_tensor_block``, ``rmsno
 ``quantize_activation_rows``), and the weight scale does not depend on the launch (``absmean_from_partials``), so
 codes and scales are the separate ops' bit for bit.
 
-H100 kernel time against 10bdaa3's separate ops (profiler, 2026-12-05; x 8192 rows, 2048 in brackets): 0.84x (0.87x)
-at 1024 columns with a 3072x1024 weight, 0.97x (0.95x) at 2048 / 6144x2048, 0.97x (0.98x) at 2560 / 9728x2560. Rows
-longer than SINGLE_PASS_MAX (one a program, in head and tail tiles) ran 1.07x (1.05x) in one launch at 9728 columns:
-those take the separate ops. Per-channel weight scales keep their own single-launch kernel.
+H100 kernel time against d7cc6fa's separate ops (profiler, 2026-12-05, bench/notes/bitlinear.md "v16"; x 8192 rows,
+2048 in brackets; weight programs of several blocks, ``codes_chunks``): 0.77x (0.74x) at 1024 columns with a 3072x1024
+weight, 0.83x (0.76x) at 2048 / 6144x2048, 0.86x (0.84x) at 2560 / 9728x2560. Rows longer than SINGLE_PASS_MAX (one a
+program, in head and tail tiles) ran 1.07x (1.05x) in one launch at 9728 columns (v15): those take the separate ops.
+Per-channel weight scales keep their own single-launch kernel.
 """
 from __future__ import annotations
 
@@ -25,19 +26,19 @@ from ._common import as_rows, cdiv, next_power_of_2, on_device, row_tiling
 from ._launch import launch
 from .act_quant import quantize_activation_rows, quantize_activations_int8
 from .rmsnorm_quant import rmsnorm_quantize_int8_forward, rmsnorm_quantize_rows
-from .ternarize import abs_sum_partials, ternarize_absmean, ternarize_tensor_block
+from .ternarize import abs_sum_partials, codes_chunks, ternarize_absmean, ternarize_tensor_block
 
 
 @triton.jit
 def _ternarize_and_quantize_kernel(w_ptr, w_codes_ptr, partial_ptr, w_scale_ptr, w_numel, n_partials, w_eps,
                                    n_w_programs, x_ptr, norm_ptr, codes_ptr, scale_ptr, rstd_ptr, n_rows, n_cols,
                                    stride_x, stride_codes, norm_eps, act_eps, W_BLOCK: tl.constexpr,
-                                   PARTIALS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                                   W_CHUNKS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
                                    NORM: tl.constexpr):
     pid = tl.program_id(0)
     if pid < n_w_programs:
         ternarize_tensor_block(pid, n_w_programs, w_ptr, w_codes_ptr, partial_ptr, w_scale_ptr, w_numel, n_partials,
-                               w_eps, W_BLOCK, PARTIALS, False)
+                               w_eps, W_BLOCK, W_CHUNKS, PARTIALS, False)
     elif NORM:
         rmsnorm_quantize_rows(pid - n_w_programs, x_ptr, norm_ptr, codes_ptr, scale_ptr, rstd_ptr, n_rows, n_cols,
                               stride_x, stride_codes, norm_eps, act_eps, BLOCK_N, ROWS, False, False)
@@ -76,10 +77,12 @@ def ternarize_and_quantize_forward(weight: torch.Tensor, x: torch.Tensor, norm_w
     codes = torch.empty(x2.shape, device=device, dtype=torch.int8)
     scale = torch.empty(m, device=device, dtype=torch.float32)
     rstd = torch.empty(m, device=device, dtype=torch.float32) if norm_weight is not None else None
-    # x's tiling picks the warps (the weight scale does not depend on them); weight blocks of 32 elements a thread
+    # x's tiling picks the warps (the weight scale does not depend on them); weight blocks of 32 elements a thread,
+    # as many a program as the standalone codes pass takes of its own
     w_block = 1024 * tiling.num_warps
     numel = flat.numel()
-    w_programs = max(cdiv(numel, w_block), 1)  # >= 1: it writes an empty weight's scale
+    w_chunks = codes_chunks(numel, w_block)
+    w_programs = max(cdiv(numel, w_block * w_chunks), 1)  # >= 1: it writes an empty weight's scale
     with on_device(x):
         partials = abs_sum_partials(flat)
         n_partials = partials.numel()
@@ -87,7 +90,7 @@ def ternarize_and_quantize_forward(weight: torch.Tensor, x: torch.Tensor, norm_w
                flat, w_codes, partials, w_scale, numel, n_partials, weight_eps, w_programs,
                x2, scale if norm_weight is None else norm_weight, codes, scale, scale if rstd is None else rstd,
                m, n, x2.stride(0), codes.stride(0), norm_eps, act_eps,
-               W_BLOCK=w_block, PARTIALS=next_power_of_2(n_partials), BLOCK_N=tiling.block_n, ROWS=tiling.rows,
+               W_BLOCK=w_block, W_CHUNKS=w_chunks, PARTIALS=next_power_of_2(n_partials), BLOCK_N=tiling.block_n, ROWS=tiling.rows,
                NORM=norm_weight is not None, num_warps=tiling.num_warps, enable_fp_fusion=False)
     return w_codes, w_scale, codes, scale, rstd
 
