@@ -47,8 +47,8 @@ def _configs(tiles: list[tuple], interpreter_config: dict) -> list[triton.Config
 # with 8 warps (two warpgroups of wgmma) and 3-4 stages fit Hopper's 227 KB of shared memory; 128x128 and 64-row
 # tiles for small M or N and for Ampere (whose 164 KB rejects the deepest configs at compile time, which the
 # autotuner skips). The first fits both. 128x128x128 with one warpgroup at 3 stages leaves room for two programs an
-# SM, whose epilogues and main loops then overlap (see TMA_TILES): alone, 0.88x the time of the tuned list without it
-# at 8192x1024x3072 and 2048x2048x6144, the shapes that stay on this kernel (H100, notes "v16").
+# SM, whose epilogues and main loops then overlap (see TMA_TILES): forced alone, 0.86-0.88x the time of the list
+# without it at 8192x1024x3072 and 2048x2048x6144, the shapes that stay on this kernel (H100, notes "v16").
 _POINTER_CONFIGS = _configs([
     (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
     (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4), (128, 128, 128, 4, 3),
