@@ -33,8 +33,8 @@ from .ternarize import abs_sum_partials, codes_chunks, ternarize_absmean, ternar
 def _ternarize_and_quantize_kernel(w_ptr, w_codes_ptr, partial_ptr, w_scale_ptr, w_numel, n_partials, w_eps,
                                    n_w_programs, x_ptr, norm_ptr, codes_ptr, scale_ptr, rstd_ptr, n_rows, n_cols,
                                    stride_x, stride_codes, norm_eps, act_eps, W_BLOCK: tl.constexpr,
-                                   W_CHUNKS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                                   NORM: tl.constexpr):
+                                   W_CHUNKS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   ROWS: tl.constexpr, NORM: tl.constexpr):
     pid = tl.program_id(0)
     if pid < n_w_programs:
         ternarize_tensor_block(pid, n_w_programs, w_ptr, w_codes_ptr, partial_ptr, w_scale_ptr, w_numel, n_partials,
@@ -90,8 +90,8 @@ def ternarize_and_quantize_forward(weight: torch.Tensor, x: torch.Tensor, norm_w
                flat, w_codes, partials, w_scale, numel, n_partials, weight_eps, w_programs,
                x2, scale if norm_weight is None else norm_weight, codes, scale, scale if rstd is None else rstd,
                m, n, x2.stride(0), codes.stride(0), norm_eps, act_eps,
-               W_BLOCK=w_block, W_CHUNKS=w_chunks, PARTIALS=next_power_of_2(n_partials), BLOCK_N=tiling.block_n, ROWS=tiling.rows,
-               NORM=norm_weight is not None, num_warps=tiling.num_warps, enable_fp_fusion=False)
+               W_BLOCK=w_block, W_CHUNKS=w_chunks, PARTIALS=next_power_of_2(n_partials), BLOCK_N=tiling.block_n,
+               ROWS=tiling.rows, NORM=norm_weight is not None, num_warps=tiling.num_warps, enable_fp_fusion=False)
     return w_codes, w_scale, codes, scale, rstd
 
 
