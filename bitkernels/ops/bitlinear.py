@@ -221,8 +221,8 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     elif per_channel:
         w_codes, w_scale = ternarize_absmean(weight, True, weight_eps)
     else:  # new codes: their pass shares a launch with x's quantization
-        w_codes, w_scale, codes, a_scale, rstd = ternarize_and_quantize_forward(weight, as_rows(x), norm_weight,
-                                                                                norm_eps, act_eps, weight_eps)
+        w_codes, w_scale, codes, a_scale, rstd = ternarize_and_quantize_forward(weight, x, norm_weight, norm_eps,
+                                                                                act_eps, weight_eps)
         quantized = (codes, a_scale, rstd)
     if hit is None and key is not None:
         weight_cache["entry"] = (key, w_codes, w_scale)
