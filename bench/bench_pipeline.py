@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from bitdistill.convert import convert_to_bitnet, set_backend  # noqa: E402
 from bitdistill.data import IGNORE_INDEX  # noqa: E402
 from bitdistill.losses import DistillConfig, bitdistill_loss, causal_lm_loss  # noqa: E402
 from bitdistill.regional_compile import check_compile_mode, compile_decoder_layers, mark_step_begin  # noqa: E402
+from bench.harness import git_provenance, write_json  # noqa: E402
 
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -255,7 +255,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     name = out / (f"{device.replace(' ', '-').lower()}-pipeline-{result['date'][:10]}-batch{args.batch}x{args.seq}"
                   + (f"-compile-{compile_mode}" if compile_mode else "") + ".json")
-    name.write_text(json.dumps(result, indent=1))
+    write_json(name, {**result, **git_provenance()})
     print(f"wrote {name}")
 
 

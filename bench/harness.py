@@ -2,13 +2,16 @@
 
 A suite is a module in bench/suites/ with ``cases(device, quick) -> iterable of Case``. Each Case names zero-argument
 callables, one per implementation, run side by side in one process; bytes/flops give the floor and achieved rates.
+Every result file records the code it measured (``git_provenance``: the commit and whether the tree was dirty).
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +31,28 @@ class Case:
 
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+ROOT = RESULTS_DIR.parents[1]
+UNKNOWN = "unknown"
+
+
+def _git(*args: str) -> str | None:
+    """``git args`` in the checkout: its stdout, or None where git is missing or fails (no repository, no history)."""
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_provenance() -> dict:
+    """What code a result measured: ``{"git_commit": HEAD's sha, "git_dirty": whether ``git status --porcelain``
+    lists anything}``. ``BITKERNELS_GIT_COMMIT``, where set, names the commit instead (the device machines' copy of the
+    checkout may have no git history: set it to the commit the copy was made from). "unknown" for whatever git
+    cannot tell."""
+    head = _git("rev-parse", "HEAD")
+    commit = os.environ.get("BITKERNELS_GIT_COMMIT", "").strip() or (head.strip() if head else "") or UNKNOWN
+    status = _git("status", "--porcelain") if head else None
+    return {"git_commit": commit, "git_dirty": UNKNOWN if status is None else bool(status.strip())}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -41,16 +66,21 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def write_results(payload: dict, out: str | None, meta: dict, suffix: str = "") -> pathlib.Path:
-    """Write ``payload`` as JSON to ``out``, or by default to bench/results/<device>-<date><suffix>.json; through a
-    temporary file, so an interrupted run leaves no half-written result."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
-    path = pathlib.Path(out) if out else RESULTS_DIR / f"{slug}-{meta['date']}{suffix}.json"
+def write_json(path: pathlib.Path, payload: dict) -> pathlib.Path:
+    """``payload`` as JSON at ``path``, through a temporary file: an interrupted run leaves no half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return path
+
+
+def write_results(payload: dict, out: str | None, meta: dict, suffix: str = "") -> pathlib.Path:
+    """Write ``payload`` as JSON to ``out``, or by default to bench/results/<device>-<date><suffix>.json, with the
+    code's provenance (``git_provenance``) added to its ``meta``."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
+    path = pathlib.Path(out) if out else RESULTS_DIR / f"{slug}-{meta['date']}{suffix}.json"
+    return write_json(path, {**payload, "meta": {**payload.get("meta", {}), **git_provenance()}})
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> float:

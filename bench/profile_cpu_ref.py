@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cpu_ref import load_packed, save_packed  # noqa: E402
 from cpu_ref.decoder import LeanDecoder  # noqa: E402
-from cpu_ref.measure import PRESETS, _random_student  # noqa: E402
+from bench.bench_cpu_ref import PRESETS, _random_student  # noqa: E402
 
 LAYER_OPS = ("tk_add_rmsnorm", "tk_attn_decode", "tk_swiglu")
 PRODUCTS = ("qkv", "o_proj", "gate_up", "down")

@@ -24,6 +24,7 @@ from bitkernels import BitLinear, replace_linear
 CONVERSION_KEY = "bitdistill"
 CONVERSION_VERSION = 1
 SUBLN_PROJECTIONS = ("o_proj", "down_proj")
+SUBLN_LAYOUTS = ("subln", "allnorm")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -62,10 +63,12 @@ def conversion_record(model: nn.Module) -> dict | None:
 
 
 def convert_to_bitnet(model: nn.Module, subln: bool = True, quantize: bool = True, per_channel: bool = False,
-                      subln_eps: float | None = None, backend: str | None = None) -> nn.Module:
+                      subln_eps: float | None = None, backend: str | None = None, layout: str = "subln") -> nn.Module:
     """Convert ``model`` in place (and return it): decoder-layer linears -> BitLinear sharing the FP weights.
 
-    subln: insert the SubLN RMSNorm (fused into BitLinear) before ``o_proj`` and ``down_proj``.
+    subln: insert RMSNorms (fused into BitLinear) where ``layout`` says: "subln" before ``o_proj`` and
+    ``down_proj`` (the paper), or "allnorm" before every projection of the block (the authors' shipped configs,
+    their BitLinear's ``should_rms``; eps 1e-8 there, so that is this layout's default ``subln_eps``).
     quantize: False keeps the float matmul (with SubLN if asked), for checks against the FP model.
     per_channel: one absmean scale per output row instead of one per matrix (the paper uses per tensor).
     subln_eps: the RMSNorm epsilon; default the model's ``rms_norm_eps`` (else 1e-6).
@@ -74,23 +77,33 @@ def convert_to_bitnet(model: nn.Module, subln: bool = True, quantize: bool = Tru
     if bitlinear_names(model):
         raise ValueError(f"{type(model).__name__} already has BitLinear layers ({bitlinear_names(model)[0]}, ...); "
                          "convert a full-precision model")
+    if layout not in SUBLN_LAYOUTS:
+        raise ValueError(f"convert.layout must be one of {SUBLN_LAYOUTS}, got {layout!r}")
     config = getattr(model, "config", None)
     if subln_eps is None:
-        subln_eps = float(getattr(config, "rms_norm_eps", 1e-6) or 1e-6)
+        subln_eps = 1e-8 if layout == "allnorm" else float(getattr(config, "rms_norm_eps", 1e-6) or 1e-6)
     layers_name, layers = find_decoder_layers(model)
     common = dict(quantize=quantize, per_channel=per_channel, backend=backend)
     converted = []
     for i, layer in enumerate(layers):
-        if subln:  # first the SubLN projections, then every other Linear of the layer
-            for parent, proj in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+        if subln:  # first the normed projections, then every other Linear of the layer
+            normed = [(parent, name) for parent, name in _block_linears(layer)
+                      if layout == "allnorm" or name in SUBLN_PROJECTIONS]
+            for parent, proj in normed:
                 setattr(parent, proj, BitLinear.from_linear(getattr(parent, proj), subln=True, subln_eps=subln_eps,
                                                             **common))
         converted += [f"{layers_name}.{i}.{n}" for n in replace_linear(layer, **common)]
     if config is not None:
         setattr(config, CONVERSION_KEY, {"version": CONVERSION_VERSION, "subln": bool(subln),
                                          "quantize": bool(quantize), "per_channel": bool(per_channel),
-                                         "subln_eps": subln_eps})
+                                         "subln_eps": subln_eps, "layout": layout})
     return model
+
+
+def _block_linears(layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every nn.Linear directly inside the layer's ``self_attn`` and ``mlp``."""
+    return [(parent, name) for parent in (layer.self_attn, layer.mlp)
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
@@ -144,7 +157,7 @@ def load_student(path: str | os.PathLike, backend: str | None = None, dtype: tor
         saved_dtype = getattr(torch, saved_dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype or torch.float32)
     convert_to_bitnet(model, subln=record["subln"], quantize=record["quantize"], per_channel=record["per_channel"],
-                      subln_eps=record["subln_eps"], backend=backend)
+                      subln_eps=record["subln_eps"], backend=backend, layout=record.get("layout", "subln"))
     state = _read_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set()

@@ -31,25 +31,42 @@ def evaluate(model, tokenizer, spec: TaskSpec, rows: list[dict], accelerator=Non
     totals = totals.tolist()
     n = max(totals[-1], 1.0)
     if spec.type == "classification":
-        return {"accuracy": 100.0 * totals[0] / n, "n": int(totals[-1])}
+        return {"accuracy": 100.0 * totals[0] / n, "macro_f1": macro_f1(totals[1:-1], len(spec.label_words)),
+                "n": int(totals[-1])}
     return {"rouge1": 100.0 * totals[0] / n, "rouge2": 100.0 * totals[1] / n, "rougeL": 100.0 * totals[2] / n,
             "n": int(totals[-1])}
 
 
+def macro_f1(confusion: list[float], classes: int) -> float:
+    """Macro-averaged F1 x100 from a flattened [true, predicted] count matrix (a class never predicted nor present
+    scores 0, as scikit-learn's zero_division=0)."""
+    m = torch.tensor(confusion, dtype=torch.float64).reshape(classes, classes)
+    tp, support, predicted = m.diag(), m.sum(1), m.sum(0)
+    f1 = torch.where(support + predicted > 0, 2 * tp / (support + predicted).clamp_min(1e-12), torch.zeros(()))
+    return 100.0 * float(f1.mean())
+
+
 def _classification_sums(model, tokenizer, spec, rows, device, batch_size):
+    """[correct, confusion matrix (true x predicted, flattened)..., n]. Only the answer position goes through the
+    LM head: the [batch, length, vocab] logits of a whole batch would dominate the evaluation's memory."""
     candidates = torch.tensor(label_token_ids(tokenizer, spec.label_words), device=device)
-    correct = 0
+    classes = len(spec.label_words)
+    correct, confusion = 0, torch.zeros(classes * classes, dtype=torch.float64)
+    head = model.get_output_embeddings()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         enc = [encode_example(tokenizer, spec, r, with_answer=False) for r in chunk]
         batch = collate(enc, tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+        out = model.get_decoder()(input_ids=batch["input_ids"].to(device),
+                                  attention_mask=batch["attention_mask"].to(device))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         last = torch.tensor([e["prompt_length"] - 1 for e in enc], device=device)
-        answer_logits = logits[torch.arange(len(enc), device=device), last][:, candidates]
-        predicted = answer_logits.argmax(-1)
-        correct += int((predicted.cpu() == torch.tensor([r["label"] for r in chunk])).sum())
-    return [correct, len(rows)]
+        answer_logits = head(hidden[torch.arange(len(enc), device=device), last])[:, candidates]
+        predicted = answer_logits.argmax(-1).cpu()
+        truth = torch.tensor([r["label"] for r in chunk])
+        correct += int((predicted == truth).sum())
+        confusion += torch.bincount(truth * classes + predicted, minlength=classes * classes).double()
+    return [correct, *confusion.tolist(), len(rows)]
 
 
 def _summarization_sums(model, tokenizer, spec, rows, device, batch_size):

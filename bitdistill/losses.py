@@ -30,11 +30,45 @@ class DistillConfig:
     gamma_ad: float = 1e5           # weight of the attention-relation distillation
     temperature: float = 5.0        # tau of the logits KL (the loss is multiplied by tau^2)
     ad_layer: int = -1              # which decoder layer's q/k/v to distill (negative counts from the end)
-    relation_heads: int | None = None   # relation heads; None: the teacher's attention heads (reduced to divide dims)
+    relation_heads: int | None = 32     # relation heads (the authors' split_head_number); None: the teacher's
+                                        # attention heads, reduced to divide every q/k/v width
     ad_split: tuple = ("q", "k", "v")   # which projections give relations (MiniLM-v2: Q-Q, K-K, V-V)
     ad_causal: bool = False         # mask relations to j <= i (False: all non-padding pairs, as MiniLM-v2)
+    # How the relation loss is scaled. gamma = 1e5 (the paper's) is only meaningful with the scaling it was tuned
+    # with, which the paper's text does not give and the authors' code does: cosine relations (each head's vectors
+    # L2-normalised, logits in [-1, 1]) and the Q, K, V KLs summed then divided by (layers x relation heads).
+    ad_relation: str = "cosine"     # "cosine" (authors' code) or "scaled_dot": softmax(A A^T / sqrt(d_r)) (paper text)
+    ad_reduction: str = "sum_over_heads"  # "sum_over_heads": sum of the Q/K/V KLs / (1 layer x R) (authors' code);
+                                          # "mean": mean of the Q/K/V KLs
+    ad_mask_padding: bool = True    # padded positions are neither queries nor keys (the authors' code keeps them,
+                                    # so a sequence's loss depends on the batch's padding: a deviation kept on purpose)
     kd_positions: str = "all"       # LD rows: "all" non-padding next-token positions, or "answer" (CE rows only)
     chunk_size: int | None = None   # rows per chunk of the fused logits KD (None: the kernel's choice)
+
+    def __post_init__(self):
+        for key, value, allowed in (("ad_relation", self.ad_relation, AD_RELATIONS),
+                                    ("ad_reduction", self.ad_reduction, AD_REDUCTIONS),
+                                    ("kd_positions", self.kd_positions, ("all", "answer"))):
+            if value not in allowed:
+                raise ValueError(f"distill.{key} must be one of {allowed}, got {value!r}")
+        for key in ("lambda_ld", "gamma_ad"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"distill.{key} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"distill.temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.relation_heads is not None and (isinstance(self.relation_heads, bool)
+                                                or not isinstance(self.relation_heads, int) or self.relation_heads < 1):
+            raise ValueError(f"distill.relation_heads must be a positive integer or null, got {self.relation_heads!r}")
+        self.ad_split = tuple(self.ad_split)
+        if not self.ad_split or not set(self.ad_split) <= {"q", "k", "v"} or len(set(self.ad_split)) != len(
+                self.ad_split):
+            raise ValueError(f"distill.ad_split must be a non-empty subset of [q, k, v], got {list(self.ad_split)}")
+
+
+AD_RELATIONS = ("cosine", "scaled_dot")
+AD_REDUCTIONS = ("sum_over_heads", "mean")
 
 
 # ------------------------------------------------------------------------------------------------ model plumbing
@@ -105,8 +139,6 @@ def bitdistill_loss(student: nn.Module, teacher: nn.Module, batch: dict, cfg: Di
         student(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # only the last position's logits
     h_s, h_t = s_store["hidden"][:, :-1], t_store["hidden"][:, :-1]
     next_labels = labels[:, 1:]
-    if cfg.kd_positions not in ("all", "answer"):
-        raise ValueError(f"kd_positions must be 'all' or 'answer', got {cfg.kd_positions!r}")
     answer = next_labels != IGNORE_INDEX
     rows = (mask[:, 1:].bool() | answer) if cfg.kd_positions == "all" else answer
     if not bool(answer.any()):
@@ -136,10 +168,41 @@ def bitdistill_loss(student: nn.Module, teacher: nn.Module, batch: dict, cfg: Di
     out = {"ce": ce.detach(), "ld": ld.detach()}
     if cfg.gamma_ad:
         heads = cfg.relation_heads or default_relation_heads(teacher, inner, cfg.ad_layer, split)
-        ad = attention_relation_distill_loss(
-            tuple(t_store[p].to(dtype) for p in split), tuple(s_store[p].to(dtype) for p in split), heads,
-            attention_mask=mask, causal=cfg.ad_causal, backend=backend)
+        ad = relation_distill_loss(tuple(t_store[p] for p in split), tuple(s_store[p] for p in split), heads, cfg,
+                                   mask, dtype, backend)
         total = total + cfg.gamma_ad * ad
         out["ad"] = ad.detach()
     out["loss"] = total
     return out
+
+
+def relation_features(a: torch.Tensor, heads: int, relation: str) -> torch.Tensor:
+    """[B, L, D] activations prepared for the relation op, which forms softmax(A_h A_h^T / sqrt(d_r)) per head.
+    "cosine": each head's vectors are L2-normalised and scaled by d_r^(1/4), so the op's logits are the cosines."""
+    if relation == "scaled_dot":
+        return a
+    b, l, d = a.shape
+    if d % heads:
+        raise ValueError(f"a width of {d} features does not split into {heads} relation heads: set "
+                         "distill.relation_heads to a divisor of every q/k/v width of teacher and student")
+    d_r = d // heads
+    unit = F.normalize(a.float().reshape(b, l, heads, d_r), dim=-1, eps=1e-12)
+    return (unit * d_r ** 0.25).reshape(b, l, d).to(a.dtype)
+
+
+def relation_distill_loss(qkv_teacher, qkv_student, heads: int, cfg: DistillConfig,
+                          attention_mask: torch.Tensor | None, dtype: torch.dtype | None = None,
+                          backend: str | None = None) -> torch.Tensor:
+    """L_AD on one layer, scaled as ``cfg.ad_relation`` / ``ad_reduction`` / ``ad_mask_padding`` say.
+
+    The op's KL of a relation is the mean over real queries and relation heads of KL summed over keys, i.e. the
+    authors' ``kl_div(..., reduction="batchmean")`` over [B * R * L, L] rows. "sum_over_heads" then sums over Q, K,
+    V and divides by (layers x R) = R, as their trainer does; "mean" averages over Q, K, V.
+    """
+    prepare = (lambda a: relation_features(a.to(dtype) if dtype else a, heads, cfg.ad_relation))
+    teacher = tuple(prepare(a) for a in qkv_teacher)
+    student = tuple(prepare(a) for a in qkv_student)
+    mask = attention_mask if cfg.ad_mask_padding else None
+    mean = attention_relation_distill_loss(teacher, student, heads, attention_mask=mask, causal=cfg.ad_causal,
+                                           backend=backend)
+    return mean * len(teacher) / heads if cfg.ad_reduction == "sum_over_heads" else mean

@@ -97,9 +97,7 @@ def stage_train_args(cfg: dict, stage: str) -> TrainArgs:
 def distill_config(cfg: dict) -> DistillConfig:
     section = cfg.get("distill", {}) or {}
     names = {f.name for f in fields(DistillConfig)}
-    out = DistillConfig(**_typed(DistillConfig, {k: v for k, v in section.items() if k in names}))
-    out.ad_split = tuple(out.ad_split)
-    return out
+    return DistillConfig(**_typed(DistillConfig, {k: v for k, v in section.items() if k in names}))
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -121,6 +119,16 @@ def load_fp_model(path: str, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype)
+
+
+def convert_base(path: str, conv: dict, backend: str | None):
+    """Stage 1 on the base FP model: SubLN (``convert.layout``) and BitLinear."""
+    unknown = set(conv) - {"subln", "per_channel", "layout", "subln_eps"}
+    if unknown:
+        raise ValueError(f"unknown convert keys {sorted(unknown)}; known: layout, subln, per_channel, subln_eps")
+    return convert_to_bitnet(load_fp_model(path), subln=conv.get("subln", True), layout=conv.get("layout", "subln"),
+                             per_channel=conv.get("per_channel", False), subln_eps=conv.get("subln_eps"),
+                             backend=backend)
 
 
 def prepare_base(cfg: dict, out: Path, accelerator) -> tuple[str, dict]:
@@ -188,8 +196,7 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
         model = load_fp_model(ctx["base"])
         examples, loss_fn = ctx["train_examples"], causal_lm_loss
     elif stage in ("bitnet-sft", "pretrain"):
-        model = convert_to_bitnet(load_fp_model(ctx["base"]), subln=conv.get("subln", True),
-                                  per_channel=conv.get("per_channel", False), backend=backend)
+        model = convert_base(ctx["base"], conv, backend)
         loss_fn = causal_lm_loss
         if stage == "bitnet-sft":
             examples = ctx["train_examples"]
@@ -203,13 +210,15 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
     elif stage == "distill":
         dcfg = distill_config(cfg)
         section = cfg.get("distill", {}) or {}
-        student_path = Path(section.get("student") or out / "pretrain" / "model")
+        # student "convert": Stage 1 applied to the base model here, skipping Stage 2 (the no-Stage-2 ablation)
+        fresh = section.get("student") == "convert"
+        student_path = Path(ctx["base"]) if fresh else Path(section.get("student") or out / "pretrain" / "model")
         teacher_path = Path(section.get("teacher") or out / "sft" / "model")
         for role, path, producer in (("student", student_path, "pretrain"), ("teacher", teacher_path, "sft")):
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"[distill] {role} {str(path)!r} does not exist: run the {producer!r} "
                                         f"stage first (--stages {producer}) or set distill.{role}")
-        model = load_student(student_path, backend=backend)
+        model = convert_base(ctx["base"], conv, backend) if fresh else load_student(student_path, backend=backend)
         model.train()
         teacher_dtype = getattr(torch, section.get("teacher_dtype", "bfloat16"))
         teacher = load_fp_model(str(teacher_path), dtype=teacher_dtype).to(accelerator.device).eval()
@@ -380,6 +389,8 @@ def main(argv=None) -> dict:
     results = {}
     for stage in stages:
         results[stage] = run_stage(stage, cfg, ctx)
+        if results[stage].get("stopped_early"):  # the next stage would need this one's model
+            break
     for stage in STAGES:  # include earlier runs' results in the table
         if stage not in results and (out / stage / "result.json").is_file():
             results[stage] = json.loads((out / stage / "result.json").read_text())

@@ -3,16 +3,15 @@
 - Batches are a pure function of (seed, step, rank): each epoch is a seeded permutation of the examples and the
   global step ``s`` takes the next ``batch_size * world * grad_accum`` of that stream, so ``--resume`` continues
   with exactly the batches (and the numbers) the uninterrupted run would have seen.
-- Checkpoints (model, optimizer, scheduler, RNG states, history) every ``checkpoint_every`` optimizer steps through
-  ``accelerator.save_state`` into ``checkpoint-<step>.tmp``, renamed when complete: a crash never leaves a partial
-  checkpoint under a valid name. All ranks call the save (each writes its RNG state); rank 0 renames.
+- Checkpoints (model, optimizer, scheduler, per-rank RNG states, history; no pickles) every ``checkpoint_every``
+  optimizer steps, at ``stop_after_steps``, at the ``deadline`` and at the last step: see ``bitdistill.checkpoint``
+  (complete only once its manifest is written; ``--resume`` takes the newest one that matches its manifest).
 - A non-finite loss on any rank stops every rank with the step and the last good checkpoint named.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,18 @@ from typing import Callable
 
 import torch
 
+from . import checkpoint
 from .data import collate
 from .regional_compile import mark_step_begin
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# transformers.get_scheduler names this loop can drive (the others need a metric or extra kwargs)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 
 
 @dataclass
@@ -44,8 +49,38 @@ class TrainArgs:
     log_every: int = 10
     eval_batch_size: int = 32
     stop_after_steps: int | None = None   # end this session after this step (checkpointed), resumable later
+    deadline: float | None = None     # time.time() epoch seconds: after the first optimizer step ending at or past
+                                      # it, checkpoint and stop (stopped_early), resumable later like stop_after_steps
     compile: str | None = None        # torch.compile mode of each decoder layer (bitdistill.regional_compile)
     pad_to_multiple_of: int = 1       # round batch lengths up (with compile: one graph per length bucket)
+
+    def __post_init__(self):
+        """Range checks; a ValueError names the config key (``train.<field>``) and the allowed range."""
+        def need(name, ok, allowed, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            try:
+                good = not isinstance(v, bool) and math.isfinite(v) and ok(v)
+            except TypeError:
+                good = False
+            if not good:
+                raise ValueError(f"train.{name} must be {allowed}{' or null' if optional else ''}, got {v!r}")
+
+        need("lr", lambda v: v > 0, "a finite number > 0")
+        need("epochs", lambda v: v > 0, "a finite number > 0")
+        need("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+        need("max_grad_norm", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
+        need("deadline", lambda v: True, "a time.time() value (epoch seconds)", optional=True)
+        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "pad_to_multiple_of",
+                     "keep_checkpoints"):
+            need(name, lambda v: v == int(v) and v >= 1, "an integer >= 1")
+        need("checkpoint_every", lambda v: v == int(v) and v >= 0, "an integer >= 0 (0: only the last step)")
+        for name in ("max_steps", "stop_after_steps"):
+            need(name, lambda v: v == int(v) and v >= 1, "an integer >= 1", optional=True)
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
 
 
 def total_steps(args: TrainArgs, n_examples: int, world: int) -> int:
@@ -69,9 +104,8 @@ def batch_indices(n: int, seed: int, step: int, micro: int, rank: int, args: Tra
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    found = [(int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    """The newest valid checkpoint (see ``bitdistill.checkpoint.latest_valid``)."""
+    return checkpoint.latest_valid(ckpt_dir)
 
 
 def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: TrainArgs, stage_dir: Path,
@@ -90,19 +124,15 @@ def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: Tra
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * steps),
                               num_training_steps=steps)
-    # One Accelerator serves every stage: forget the previous stage's objects, or save_state/load_state would
-    # write and read them too (and load stage 1's model into stage 3's).
+    # One Accelerator serves every stage: release the previous stage's prepared objects.
     accelerator.free_memory()
-    accelerator._custom_objects.clear()
     # The scheduler is stepped once per optimizer step by us (a prepared one steps `world` times per call).
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     ckpt_dir = stage_dir / "checkpoints"
     start, history, last_good = 0, [], None
-    if resume and (found := latest_checkpoint(ckpt_dir)) is not None:
-        accelerator.load_state(str(found))
-        state = json.loads((found / "trainer_state.json").read_text())
+    if resume and (found := checkpoint.resume_point(accelerator, ckpt_dir)) is not None:
+        state = checkpoint.load(accelerator, found, model, optimizer, scheduler)
         start, history, last_good = state["step"], state["history"], found
         accelerator.print(f"[{stage}] resumed from {found} at step {start}/{steps}")
     accelerator.wait_for_everyone()
@@ -122,13 +152,14 @@ def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: Tra
             with sync, accelerator.autocast():
                 parts = loss_fn(model, batch)
                 loss = parts["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.reduce(finite, "min").item() < 1:
+                bad = (~torch.isfinite(loss.detach())).float()   # accelerate's reduce knows sum/mean/max only
+                if accelerator.reduce(bad, "max").item() > 0:
                     raise NonFiniteLossError(
                         f"[{stage}] loss is {loss.item()} at step {step + 1} (micro-step {micro}): training "
                         f"stopped. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}. Lower the "
                         f"learning rate or check the data, then rerun with --resume.")
                 accelerator.backward(loss / args.grad_accum)
+            checkpoint.fault_point(f"step:{step + 1}")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / args.grad_accum
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
@@ -141,33 +172,26 @@ def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: Tra
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         history.append(record)
+        done = step + 1
+        if done < stop_at and past_deadline(accelerator, args.deadline):
+            stop_at = done
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % args.log_every == 0 or step + 1 == stop_at:
+        if done % args.log_every == 0 or done == stop_at:
             accelerator.log({f"{stage}/{k}": v for k, v in record.items() if k != "step"}, step=step + 1)
-        if (args.checkpoint_every and (step + 1) % args.checkpoint_every == 0) or step + 1 == stop_at:
-            last_good = save_checkpoint(accelerator, ckpt_dir, step + 1, history, args.keep_checkpoints)
+        if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == stop_at:
+            last_good = checkpoint.save(accelerator, ckpt_dir, done, model, optimizer, scheduler, history,
+                                        args.keep_checkpoints)
+        if done == stop_at:
+            break
     bar.close()
     return {"model": accelerator.unwrap_model(model), "history": history, "steps": stop_at,
             "stopped_early": stop_at < steps}
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, history: list, keep: int) -> Path:
-    final = ckpt_dir / f"checkpoint-{step}"
-    tmp = ckpt_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
-        done = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
-                      if p.name.split("-")[1].isdigit())
-        for _, old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def past_deadline(accelerator, deadline: float | None) -> bool:
+    """Whether any rank's clock is at or past ``deadline``: one decision for all ranks, so all stop at one step."""
+    if deadline is None:
+        return False
+    late = torch.tensor(float(time.time() >= deadline), device=accelerator.device)
+    return accelerator.reduce(late, "max").item() > 0

@@ -1,13 +1,17 @@
-"""python -m cpu_ref {pack, generate, classify, bench}
+"""python -m cpu_ref {pack, generate, classify, bench, export-gguf, check-gguf}
 
     python -m cpu_ref pack STUDENT_DIR OUT_DIR [--packing i2|tq1]     # a bitdistill student -> packed directory
     python -m cpu_ref generate OUT_DIR --prompt "text" [--max-new-tokens 32] [--check STUDENT_DIR]
     python -m cpu_ref classify OUT_DIR --prompt "text" --labels yes,no   # or --ids 1,2 --label-ids 3,4
-    python -m cpu_ref bench [--student STUDENT_DIR] [--preset qwen3-0.6b]   # see cpu_ref/measure.py
+    python -m cpu_ref bench [--student STUDENT_DIR] [--preset qwen3-0.6b]   # bench/bench_cpu_ref.py
+    python -m cpu_ref export-gguf STUDENT_DIR out.gguf --type tq2_0|tq1_0 [--embed q8_0|f16|f32] [--strict]
+    python -m cpu_ref export-gguf FP_LLAMA_DIR out.gguf --type f16|q8_0|f32       # see cpu_ref/gguf_export.py
+    python -m cpu_ref check-gguf STUDENT_DIR out.gguf [--prompts "a" "b"] [--tokens 32]  # needs llama-cpp-python
 """
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -32,13 +36,24 @@ def _prompt_ids(args):
     return _tokenizer(args.model).encode(args.prompt, return_tensors="pt")
 
 
+def _bench(argv) -> int:
+    """The benchmark lives in the repository's bench/ (it is no part of the package)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_cpu_ref.py"
+    if not path.is_file():
+        raise SystemExit(f"python -m cpu_ref bench runs {path}, which is not here: run it from a checkout")
+    spec = importlib.util.spec_from_file_location("bench_cpu_ref", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv)
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "bench":
-        from .measure import main as bench_main
-
-        return bench_main(argv[1:])
+        return _bench(argv[1:])
     p = argparse.ArgumentParser(prog="python -m cpu_ref", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -60,8 +75,48 @@ def main(argv=None) -> int:
         else:
             s.add_argument("--labels", default=None, help="comma-separated label words (needs the tokenizer)")
             s.add_argument("--label-ids", default=None, help="comma-separated label token ids instead of --labels")
-    sub.add_parser("bench", help="measurement (see cpu_ref/measure.py)")
+    sub.add_parser("bench", help="measurement (runs bench/bench_cpu_ref.py)")
+    ex = sub.add_parser("export-gguf", help="a student (or FP Llama) -> GGUF for llama.cpp (cpu_ref/gguf_export.py)")
+    ex.add_argument("model")
+    ex.add_argument("out")
+    ex.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16", "q8_0", "f32"])
+    ex.add_argument("--embed", default="q8_0", choices=["q8_0", "f16", "f32"], help="token embedding / head type")
+    ex.add_argument("--strict", action="store_true", help="refuse rows that are not a multiple of 256 "
+                    "instead of storing them as Q8_0")
+    ex.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
+    ck = sub.add_parser("check-gguf", help="llama.cpp (llama-cpp-python) vs the PyTorch student")
+    ck.add_argument("student")
+    ck.add_argument("gguf")
+    ck.add_argument("--prompts", nargs="+", default=None)
+    ck.add_argument("--tokens", type=int, default=32)
+    ck.add_argument("--threads", type=int, default=None)
+    ck.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
+
+    if args.cmd == "export-gguf":
+        from .gguf_export import GGUFExportError, export_gguf
+
+        try:
+            r = export_gguf(args.model, args.out, args.type, args.embed, args.strict, args.tokenizer_pre)
+        except GGUFExportError as exc:
+            raise SystemExit(f"export-gguf: {exc}") from exc
+        print(f"wrote {r['out']} ({r['arch']}, {r['type']}, {r['bytes']} bytes)")
+        for note in r.get("fallbacks", []):
+            print(f"  {note}", file=sys.stderr)
+        return 0
+    if args.cmd == "check-gguf":
+        import json
+
+        from .gguf_check import DEFAULT_PROMPTS, compare, format_report, llama_cpp_available
+
+        ok, why = llama_cpp_available()
+        if not ok:
+            raise SystemExit(f"check-gguf: {why} (pip install llama-cpp-python)")
+        r = compare(args.student, args.gguf, tuple(args.prompts or DEFAULT_PROMPTS), args.tokens, args.threads)
+        print(format_report(r))
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(r, indent=1))
+        return 0
 
     from . import load_packed, save_packed
 

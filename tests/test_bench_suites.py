@@ -1,5 +1,6 @@
 """Benchmark helpers: what they time must be what they say (variants take effect, swept kernels are correct)."""
 import io
+import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +18,32 @@ interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                       reason="runs the Triton kernels on the CPU in Triton's interpreter")
 
 
+def test_results_record_the_commit_they_measured(tmp_path, monkeypatch):
+    # Every result file says what code it measured: HEAD's commit and whether the tree was dirty, or "unknown".
+    from bench import harness
+
+    monkeypatch.delenv("BITKERNELS_GIT_COMMIT", raising=False)
+    meta = {"device": "Test Device", "date": "2000-01-01"}
+    path = harness.write_results({"meta": dict(meta), "rows": [1]}, str(tmp_path / "r.json"), meta)
+    written = json.loads(path.read_text())
+    head = subprocess.run(["git", "-C", str(harness.ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        status = subprocess.run(["git", "-C", str(harness.ROOT), "status", "--porcelain"], capture_output=True,
+                                text=True, check=True).stdout
+        assert written["meta"]["git_commit"] == head.stdout.strip()
+        assert written["meta"]["git_dirty"] is bool(status.strip())
+    assert written["rows"] == [1] and written["meta"]["device"] == "Test Device"
+    # A copy without git history (the device machines'): the commit from the environment, else "unknown".
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert harness.git_provenance() == {"git_commit": "unknown", "git_dirty": "unknown"}
+    monkeypatch.setenv("BITKERNELS_GIT_COMMIT", "0123abc")
+    assert harness.git_provenance() == {"git_commit": "0123abc", "git_dirty": "unknown"}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    path = harness.write_results({"meta": dict(meta)}, str(tmp_path / "s.json"), meta)
+    assert json.loads(path.read_text())["meta"]["git_commit"] == "0123abc"
+
+
 def test_quant_suite_tiling_variants_take_effect():
     # row_tiling is cached per row length: a variant that only set the module's limits would time the shipped tiling.
     shipped = _common.row_tiling(9728)
@@ -32,7 +59,7 @@ def test_quant_suite_tiling_variants_take_effect():
 def test_int8_gemm_variant_sweep_checks_against_the_shipped_kernel():
     # The sweep's CPU pass (interpreter): every epilogue / loop variant equals the shipped int8_matmul bit for bit,
     # so a GPU run times only correct kernels; it returns nonzero when one differs or fails to compile.
-    from bench import sweep_int8_gemm
+    from bench.tools import sweep_int8_gemm
 
     assert sweep_int8_gemm.main([]) == 0
     # --set occupancy: programs walking tiles with a stride of two programs an SM (the interpreter's "SMs": 2)
@@ -43,9 +70,9 @@ def test_int8_gemm_variant_sweep_checks_against_the_shipped_kernel():
 def test_int8_gemm_sweep_baseline_is_checked_bit_for_bit(tmp_path):
     # --baseline (an earlier int8_matmul.py, the A/B of a change to the shipped kernel) is timed only when it computes
     # the same bits as the shipped kernel: a copy passes, a copy whose epilogue subtracts the bias fails.
-    from bench import sweep_int8_gemm
+    from bench.tools import sweep_int8_gemm
 
-    source = (pathlib.Path(sweep_int8_gemm.__file__).parents[1] / "bitkernels" / "ops" / "int8_matmul.py").read_text()
+    source = (pathlib.Path(sweep_int8_gemm.__file__).parents[2] / "bitkernels" / "ops" / "int8_matmul.py").read_text()
     same, wrong = tmp_path / "same.py", tmp_path / "wrong.py"
     same.write_text(source)
     assert source.count("y += tl.load(bias_ptr") == 1
@@ -58,7 +85,7 @@ def test_int8_gemm_sweep_baseline_is_checked_bit_for_bit(tmp_path):
 
 @interpreter_only
 def test_bitlinear_steps_recompute_not_accumulate_gradients():
-    # What the bitlinear suite and bench/profile_bitlinear_host.py time as one training step: a forward + backward
+    # What the bitlinear suite and bench/tools/profile_bitlinear_host.py time as one training step: a forward + backward
     # that leaves each parameter's gradient of this step alone (a step that accumulated would time an extra add
     # kernel), and the same gradients from ours eager and ours under torch.compile.
     from bench.suites import bitlinear
@@ -84,9 +111,9 @@ def test_bitlinear_steps_recompute_not_accumulate_gradients():
 
 @interpreter_only
 def test_host_pieces_time_the_work_of_ours_backward():
-    # bench/profile_bitlinear_host.py --pieces sets "ours backward work, direct" beside the autograd backward: it must
-    # be the same work (the same gradients), and every piece must run.
-    from bench import profile_bitlinear_host
+    # bench/tools/profile_bitlinear_host.py --pieces sets "ours backward work, direct" beside the autograd backward: it
+    # must be the same work (the same gradients), and every piece must run.
+    from bench.tools import profile_bitlinear_host
 
     torch.manual_seed(0)
     pieces = profile_bitlinear_host.piece_steps(16, 64, 96, torch.device("cpu"))
@@ -101,10 +128,10 @@ def test_host_pieces_time_the_work_of_ours_backward():
 
 @interpreter_only
 def test_host_ab_imports_an_earlier_revision_beside_the_working_tree(tmp_path):
-    # bench/profile_bitlinear_host.py --ab REV: REV's bitkernels imports beside this one (its custom ops in their own
-    # namespace: two packages registering bitkernels::* could not both import), runs, and is compared bit for bit
+    # bench/tools/profile_bitlinear_host.py --ab REV: REV's bitkernels imports beside this one (its custom ops in their
+    # own namespace: two packages registering bitkernels::* could not both import), runs, and is compared bit for bit
     # before any timing. HEAD against the working tree computes the same bits.
-    from bench import profile_bitlinear_host
+    from bench.tools import profile_bitlinear_host
 
     old_ops = profile_bitlinear_host.package_at("HEAD", tmp_path)
     name = old_ops.__name__.split(".")[0]

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Qwen3Config  # noqa: E402
 
 from bitdistill.convert import convert_to_bitnet  # noqa: E402
-from bitdistill.losses import DistillConfig, bitdistill_loss, default_relation_heads  # noqa: E402
+from bitdistill.losses import DistillConfig, bitdistill_loss, default_relation_heads, relation_distill_loss  # noqa: E402,E501
 
 IGNORE = -100
 
@@ -87,7 +87,7 @@ def test_distill_loss_matches_hand_computation(kd_positions, backend):
     teacher.requires_grad_(False)
     student = convert_to_bitnet(tiny(1, heads=2, kv=1, hidden=16), backend=backend)  # different head counts
     cfg = DistillConfig(lambda_ld=10.0, gamma_ad=100.0, temperature=2.0, ad_layer=-1, relation_heads=2,
-                        kd_positions=kd_positions)
+                        kd_positions=kd_positions, ad_relation="scaled_dot", ad_reduction="mean")
     b = batch()
     got = bitdistill_loss(student, teacher, b, cfg, backend=backend)
     want, ce, ld, ad = hand_loss(student, teacher, b, cfg, heads=2)
@@ -129,3 +129,69 @@ def test_default_relation_heads_divide_every_width():
     # widths: teacher q 32, k/v 16; student q 16, k/v 8 -> gcd with 4 heads is 4
     assert default_relation_heads(teacher, student, -1, ("q", "k", "v")) == 4
     assert default_relation_heads(tiny(0, heads=6, kv=2, hidden=48), student, -1, ("q", "k", "v")) == 2
+
+
+# ------------------------------------------------------------------ L_AD scaled as the authors' code (gamma = 1e5)
+
+def authors_relation_loss(qkv_t, qkv_s, heads, layers=1):
+    """The authors' trainer (yushuiwx/bitnet-distill, CustomDistillSeq2SeqTrainer): per head, cosine relations
+    (F.normalize, no 1/sqrt(d)), softmax, probabilities clamped at 1e-8, kl_div batchmean over [B*R*L, L] rows;
+    the Q, K, V terms summed and divided by (layers x split heads)."""
+    total = 0.0
+    for t, s in zip(qkv_t, qkv_s):
+        b, l, _ = s.shape
+        rel = []
+        for a in (s, t):
+            a = torch.nn.functional.normalize(a.double().reshape(b, l, heads, -1).transpose(1, 2), p=2, dim=-1)
+            rel.append(torch.softmax((a @ a.transpose(-1, -2)).reshape(-1, l), dim=-1).clamp(min=1e-8))
+        total = total + torch.nn.functional.kl_div(torch.log(rel[0]), rel[1], reduction="batchmean")
+    return total / (layers * heads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_relation_loss_equals_the_authors_code(backend):
+    torch.manual_seed(0)
+    b, l, heads = 2, 7, 4
+    qkv_t = [torch.randn(b, l, w) for w in (32, 16, 16)]        # teacher q, k, v widths
+    qkv_s = [torch.randn(b, l, w, requires_grad=True) for w in (16, 8, 8)]  # a narrower student
+    got = relation_distill_loss(qkv_t, qkv_s, heads, DistillConfig(), attention_mask=None, backend=backend)
+    want = authors_relation_loss(qkv_t, qkv_s, heads)
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-9)  # their 1e-8 clamp: ~1e-7 relative here
+    g_got = torch.autograd.grad(got, qkv_s)
+    g_want = torch.autograd.grad(want, qkv_s)
+    for a, w in zip(g_got, g_want):
+        torch.testing.assert_close(a.double(), w.double(), rtol=2e-3, atol=1e-9)
+
+
+def test_relation_loss_on_a_hand_computed_example():
+    # one relation head, L = 2: teacher rows e0, e1 (cosines [[1, 0], [0, 1]]); student rows e0 and (e0 + e1)/sqrt2
+    # (cosines [[1, c], [c, 1]], c = 1/sqrt2). Both query rows give the same KL by symmetry.
+    c = 1 / math.sqrt(2)
+    p = [math.e / (math.e + 1), 1 / (math.e + 1)]
+    q = [math.e / (math.e + math.exp(c)), math.exp(c) / (math.e + math.exp(c))]
+    kl_row = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    student = torch.tensor([[[1.0, 0.0], [c, c]]])
+    qkv = lambda a: (a, a, a)  # noqa: E731
+    authors = relation_distill_loss(qkv(teacher), qkv(student), 1, DistillConfig(), None, backend="torch")
+    assert abs(float(authors) - 3 * kl_row / 1) < 1e-6      # Q + K + V, divided by 1 layer x 1 head
+    mean = relation_distill_loss(qkv(teacher), qkv(student), 1, DistillConfig(ad_reduction="mean"), None,
+                                 backend="torch")
+    assert abs(float(mean) - kl_row) < 1e-6
+    # the paper's text: softmax(A A^T / sqrt(d_r)), d_r = 2, on the raw (here unit) vectors
+    p2 = [1 / (1 + math.exp(-1 / math.sqrt(2))), 1 - 1 / (1 + math.exp(-1 / math.sqrt(2)))]
+    z = [1 / math.sqrt(2), c / math.sqrt(2)]
+    q2 = [math.exp(z[0]) / (math.exp(z[0]) + math.exp(z[1])), math.exp(z[1]) / (math.exp(z[0]) + math.exp(z[1]))]
+    kl2 = sum(pi * math.log(pi / qi) for pi, qi in zip(p2, q2))
+    dot = relation_distill_loss(qkv(teacher), qkv(student), 1,
+                                DistillConfig(ad_relation="scaled_dot", ad_reduction="mean"), None, backend="torch")
+    assert abs(float(dot) - kl2) < 1e-6
+
+
+@pytest.mark.parametrize("bad, match", [({"ad_relation": "dot"}, "ad_relation"), ({"ad_reduction": "sum"},
+                                        "ad_reduction"), ({"gamma_ad": -1.0}, "gamma_ad"),
+                                        ({"temperature": 0.0}, "temperature"), ({"relation_heads": 0},
+                                        "relation_heads"), ({"ad_split": ("q", "x")}, "ad_split")])
+def test_distill_config_refuses_bad_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**bad)

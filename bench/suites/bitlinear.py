@@ -142,9 +142,10 @@ def training_inputs(tokens: int, k: int, n: int, device: torch.device, dtype=tor
 
 
 def training_steps(x, w, nw, dy, plain_c, ref_c):
-    """Each implementation's fwd+bwd step on the same tensors, as this suite and bench/profile_bitlinear_host.py time
-    them -> (steps, forwards, the BitLinear module the compiled `ours` wrap, {name: compiled module}). ``plain_c`` and
-    ``ref_c`` are torch.compile of `plain` and `reference_bitlinear` (made once, shared across shapes)."""
+    """Each implementation's fwd+bwd step on the same tensors, as this suite and bench/tools/profile_bitlinear_host.py
+    time them -> (steps, forwards, the BitLinear module the compiled `ours` wrap, {name: compiled module}).
+    ``plain_c`` and ``ref_c`` are torch.compile of `plain` and `reference_bitlinear` (made once, shared across
+    shapes)."""
     from bitkernels import ops
 
     params = (x, w, nw)

@@ -7,12 +7,7 @@ import torch
 from .. import reference
 from .._validation import check_float, check_same_device
 from ..backend import use_triton
-
-
-def ops_module():
-    from .. import ops  # imported lazily: Triton is optional
-
-    return ops
+from ._ops import triton_ops
 
 
 def _layout(name: str, a: torch.Tensor) -> tuple[int, int, int]:
@@ -64,7 +59,7 @@ def attention_relation_kl(a_teacher: torch.Tensor, a_student: torch.Tensor, num_
     ``a_student`` only. No L x L tensor is formed on the Triton path (memory O(B * R * L)).
     """
     _check(a_teacher, a_student, num_relation_heads, attention_mask)
-    impl = ops_module() if use_triton(backend, a_teacher, a_student) else reference
+    impl = triton_ops() if use_triton(backend, a_teacher, a_student) else reference
     return impl.attention_relation_kl(a_teacher, a_student, num_relation_heads, attention_mask, causal)
 
 
@@ -82,5 +77,5 @@ def attention_relation_distill_loss(qkv_teacher, qkv_student, num_relation_heads
     for t, s in zip(qkv_teacher, qkv_student):
         _check(t, s, num_relation_heads, attention_mask)
     tensors = [*qkv_teacher, *qkv_student]
-    impl = ops_module() if use_triton(backend, *tensors) else reference
+    impl = triton_ops() if use_triton(backend, *tensors) else reference
     return impl.attention_relation_distill_loss(qkv_teacher, qkv_student, num_relation_heads, attention_mask, causal)

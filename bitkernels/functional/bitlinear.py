@@ -6,13 +6,7 @@ import torch
 from .. import reference
 from .._validation import check_float, check_same_device
 from ..backend import use_triton
-
-
-def _ops():
-    # Imported on first use (it needs Triton); an import statement, unlike importlib, is traced by torch.compile.
-    from .. import ops
-
-    return ops
+from ._ops import triton_ops
 
 
 def _check_linear(x: torch.Tensor, in_features: int, out_features: int, bias, norm_weight, weight_desc: str):
@@ -48,7 +42,7 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     check_same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight)
     tensors = [t for t in (x, weight, bias, norm_weight) if t is not None]
     if use_triton(backend, *tensors):
-        return _ops().bitlinear(x, weight, bias, norm_weight, norm_eps, per_channel, weight_cache=weight_cache,
+        return triton_ops().bitlinear(x, weight, bias, norm_weight, norm_eps, per_channel, weight_cache=weight_cache,
                                 save_input=save_input)
     return reference.bitlinear(x, weight, bias, norm_weight, norm_eps, per_channel)
 
@@ -66,5 +60,5 @@ def bitlinear_inference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.T
     _check_linear(x, w_codes.shape[1], w_codes.shape[0], bias, norm_weight, f"w_codes {tuple(w_codes.shape)}")
     check_same_device(x=x, w_codes=w_codes, w_scale=w_scale, bias=bias, norm_weight=norm_weight)
     tensors = [t for t in (x, bias, norm_weight) if t is not None]
-    impl = _ops() if use_triton(backend, *tensors) else reference
+    impl = triton_ops() if use_triton(backend, *tensors) else reference
     return impl.bitlinear_inference(x, w_codes, w_scale, bias, norm_weight, norm_eps)

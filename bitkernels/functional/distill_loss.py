@@ -15,12 +15,7 @@ import torch
 from .. import reference
 from .._validation import check_float, check_min_dim, check_same_device
 from ..backend import use_triton
-
-
-def ops_module():
-    from ..ops import distill_loss  # imported lazily: Triton is optional
-
-    return distill_loss
+from ._ops import triton_ops
 
 
 def _check_temperature(temperature) -> None:
@@ -49,7 +44,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
                              f"{tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}")
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
     if use_triton(backend, student_logits, teacher_logits):
-        return ops_module().distill_kl(student_logits, teacher_logits, temperature, mask)
+        return triton_ops().distill_kl(student_logits, teacher_logits, temperature, mask)
     return reference.distill_kl(student_logits, teacher_logits, temperature, mask)
 
 
@@ -110,6 +105,6 @@ def fused_linear_distill_loss(h_student: torch.Tensor, w_student: torch.Tensor, 
         raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
     check_same_device(h_student=h_student, w_student=w_student, h_teacher=h_teacher, w_teacher=w_teacher,
                       labels=labels, b_student=b_student, b_teacher=b_teacher)
-    impl = ops_module() if use_triton(backend, h_student, w_student, h_teacher, w_teacher) else reference
+    impl = triton_ops() if use_triton(backend, h_student, w_student, h_teacher, w_teacher) else reference
     return impl.fused_linear_distill_loss(h_student, w_student, h_teacher, w_teacher, labels, temperature, alpha_kd,
                                           alpha_ce, ignore_index, chunk_size, b_student, b_teacher)

@@ -4,15 +4,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .._base import ACT_EPS, WEIGHT_EPS
 from .._validation import check_float, check_min_dim, check_norm_weight
 from ..backend import use_triton
-from ..reference.quantization import ACT_EPS, WEIGHT_EPS
-
-
-def ops_module():
-    from .. import ops  # imported lazily: Triton is optional
-
-    return ops
+from ._ops import triton_ops
 
 
 def _check_weight(w: torch.Tensor, per_channel: bool) -> None:
@@ -24,7 +19,7 @@ def _check_weight(w: torch.Tensor, per_channel: bool) -> None:
 def ternarize_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS, *, backend=None):
     """Ternary weights: -> (int8 codes in {-1, 0, 1}, float32 scale ``mean|w|``, shape [] or [out] if per_channel)."""
     _check_weight(w, per_channel)
-    impl = ops_module() if use_triton(backend, w) else reference
+    impl = triton_ops() if use_triton(backend, w) else reference
     return impl.ternarize_absmean(w, per_channel, eps)
 
 
@@ -32,7 +27,7 @@ def quantize_activations_int8(x: torch.Tensor, eps: float = ACT_EPS, *, backend=
     """Per-token int8: ``x`` [..., K] -> (int8 codes [..., K], float32 scale [...] = absmax/127)."""
     check_float("x", x)
     check_min_dim("x", x, 1)
-    impl = ops_module() if use_triton(backend, x) else reference
+    impl = triton_ops() if use_triton(backend, x) else reference
     return impl.quantize_activations_int8(x, eps)
 
 
@@ -42,14 +37,14 @@ def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e
     check_float("x", x)
     check_min_dim("x", x, 1)
     check_norm_weight(x, weight)
-    impl = ops_module() if use_triton(backend, x, weight) else reference
+    impl = triton_ops() if use_triton(backend, x, weight) else reference
     return impl.rmsnorm_quantize_int8(x, weight, eps, act_eps)
 
 
 def fake_quantize_weight(w: torch.Tensor, per_channel: bool = False, eps: float = WEIGHT_EPS, *, backend=None):
     """``codes * scale`` in ``w``'s dtype; gradient of identity (straight-through estimator)."""
     _check_weight(w, per_channel)
-    impl = ops_module() if use_triton(backend, w) else reference
+    impl = triton_ops() if use_triton(backend, w) else reference
     return impl.fake_quantize_weight(w, per_channel, eps)
 
 
@@ -57,7 +52,7 @@ def fake_quantize_activations(x: torch.Tensor, eps: float = ACT_EPS, *, backend=
     """Per-token int8 fake quantization in ``x``'s dtype; gradient of identity (straight-through estimator)."""
     check_float("x", x)
     check_min_dim("x", x, 1)
-    impl = ops_module() if use_triton(backend, x) else reference
+    impl = triton_ops() if use_triton(backend, x) else reference
     return impl.fake_quantize_activations(x, eps)
 
 
@@ -67,5 +62,5 @@ def rmsnorm_fake_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e
     check_float("x", x)
     check_min_dim("x", x, 1)
     check_norm_weight(x, weight)
-    impl = ops_module() if use_triton(backend, x, weight) else reference
+    impl = triton_ops() if use_triton(backend, x, weight) else reference
     return impl.rmsnorm_fake_quantize(x, weight, eps, act_eps)

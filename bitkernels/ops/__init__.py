@@ -2,7 +2,8 @@
 ``bitkernels.reference``. Importing this package needs Triton."""
 from .attention_relation import attention_relation_distill_loss, attention_relation_kl
 from .distill_loss import distill_kl, fused_linear_distill_loss
-from .bitlinear import bitlinear, bitlinear_grad_input, bitlinear_grad_weight, bitlinear_inference
+from .bitlinear import bitlinear, bitlinear_inference
+from .bitlinear_impl import bitlinear_grad_input, bitlinear_grad_weight
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
 from .act_quant import fake_quantize_activations, quantize_activations_int8

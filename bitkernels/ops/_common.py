@@ -1,4 +1,7 @@
-"""Pieces shared by the Triton quantization kernels and their launchers."""
+"""Pieces shared by the Triton quantization kernels and their launchers.
+
+The row-tiling constants below are the forward quantizers' tuning table; the measurements behind each choice are in
+bench/notes/bitlinear.md, "Tuning record"."""
 from __future__ import annotations
 
 import contextlib
@@ -13,21 +16,19 @@ from triton.language.extra import libdevice
 
 MAX_ROW = 65536  # kernels that keep a row in registers refuse longer ones (backend='torch' takes them)
 SINGLE_PASS_MAX = 8192  # forward quantizers keep rows up to this padded length in registers, else walk chunks
-# ... or, past it, as a SINGLE_PASS_MAX-wide tile plus a power-of-two tail tile while the two stay within this: 9728
-# columns pad to 10240 instead of 16384. H100, M=8192 bf16 SubLN+quant (2026-11-23), same rounding: 9728 columns 126 us
-# vs 147 us in chunks (three passes) and 251 us as one padded tile; 14336: 191 vs 217; 8 warps (4: 152, 16: 170).
-# With the hardware rounding and both loads ahead of the reductions: 101 and 153 us (bench/notes/bitlinear.md, v7); as
-# 1-D tiles (one row a program): 90 and 148 us (v10).
+# ... or, past it, as a SINGLE_PASS_MAX-wide head tile plus a power-of-two tail tile while the two stay within
+# SPLIT_ROW_MAX: 9728 columns pad to 10240 instead of 16384, faster than both three chunked passes and one padded
+# tile (Tuning record, "row tiling").
 SPLIT_ROW_MAX = 16384
-SPLIT_ROW_WARPS = 8
-CHUNK, CHUNK_WARPS = 2048, 8  # H100 sweep (2026-11-23): 1.13x faster than 4096-wide chunks at 9728 columns
+SPLIT_ROW_WARPS = 8  # head+tail rows: 8 warps beat 4 and 16
+CHUNK, CHUNK_WARPS = 2048, 8  # chunked rows: 2048-wide chunks beat 4096-wide ones
 # Autotuned kernels (GEMMs, attention relation) try each config per new shape key. BITKERNELS_AUTOTUNE=0 takes the
 # first (default) config without timing runs: tests over many random shapes then compile once instead of tuning each.
 AUTOTUNE = os.environ.get("BITKERNELS_AUTOTUNE", "1") != "0"
 
 
 # The interpreter has no libdevice: there the rounding is spelled out in float arithmetic (same bits). On the GPU the
-# spelled-out form cost the SubLN+quant pass at 9728 columns 108 us against 86 us (H100, a 1-D ablation kernel).
+# hardware instruction, because the spelled-out form made the SubLN+quant pass markedly slower (Tuning record).
 _HARDWARE_RINT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
@@ -55,8 +56,8 @@ def cast_to(y, dtype: tl.constexpr):
     return y.to(dtype)
 
 
-# The current CUDA device's index. torch.cuda.current_device() wraps this in a Python lazy-init check: ~3.7 us a call
-# under cProfile on the H100 host, 13 calls a BitLinear step. Callers hold CUDA tensors, so CUDA is initialized.
+# The current CUDA device's index. torch.cuda.current_device() wraps this in a Python lazy-init check that costs host
+# time on every one of a BitLinear step's many calls. Callers hold CUDA tensors, so CUDA is initialized.
 current_cuda_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
@@ -70,7 +71,7 @@ def on_device(t: torch.Tensor):
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host. ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions whose
-    wrapper costs ~2 us a call here: a BitLinear step's launchers made ~17 such calls."""
+    wrapper costs host time on each call, and a BitLinear step's launchers make many."""
     return -(-a // b)
 
 
@@ -88,8 +89,8 @@ _DEVICE_INFO: dict[int, DeviceInfo] = {}
 
 
 def device_info(device: torch.device) -> DeviceInfo:
-    """Multiprocessor count and compute capability of a CUDA device, cached (the property query costs ~9 us of host
-    time per call on the H100 host, a visible share of a small layer's launch overhead); (2, (0, 0)) elsewhere."""
+    """Multiprocessor count and compute capability of a CUDA device, cached (the property query costs host time on
+    every call, a visible share of a small layer's launch overhead); (2, (0, 0)) elsewhere."""
     if device.type != "cuda":
         return DeviceInfo(2, (0, 0))
     index = device.index if device.index is not None else current_cuda_device()
@@ -100,12 +101,6 @@ def device_info(device: torch.device) -> DeviceInfo:
     return info
 
 
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """View ``x`` [..., N] as [M, N] with a unit column stride (copying only when it must)."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 class RowTiling(NamedTuple):
     block_n: int  # columns per register tile (the whole padded row, the head tile, or one chunk)
     rows: int  # rows per program
@@ -114,7 +109,7 @@ class RowTiling(NamedTuple):
     tail: int = 0  # with a head tile of block_n columns, a second tile of this many (0: none)
 
 
-@functools.lru_cache(maxsize=1024)  # on every launch of the quantizers: 2 us a call uncached, ~0.1 cached
+@functools.lru_cache(maxsize=1024)  # runs on every launch of the quantizers: cached, a lookup instead of the logic
 def row_tiling(n_cols: int) -> RowTiling:
     """Tiling of the forward quantizers: whole rows in registers when they fit (for rows just past SINGLE_PASS_MAX as
     a head and a tail tile, padding 9728 columns to 10240 instead of 16384), else CHUNK-wide chunks of one row."""
@@ -139,7 +134,7 @@ def row_block(n_cols: int, name: str = "x") -> tuple[int, int, int]:
     check_row_length(n_cols, name)
     block_n = next_power_of_2(max(n_cols, 1))
     rows = max(1, min(16, 4096 // block_n))  # short rows: several per program so each moves >= 4K elements
-    # ~32 elements per thread: on the H100 these memory-bound row kernels ran 1.2-3.5x faster than at 8 per thread
-    # (fewer, busier warps: more loads in flight per thread, cheaper row reductions; sweep of 2026-11-23)
+    # ~32 elements per thread: these memory-bound row kernels ran 1.2-3.5x faster than at 8 per thread (fewer,
+    # busier warps: more loads in flight per thread, cheaper row reductions; Tuning record, "row_block")
     num_warps = min(16, max(1, rows * block_n // 1024))
     return block_n, rows, num_warps

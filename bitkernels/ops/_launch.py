@@ -1,16 +1,16 @@
 """Triton launches with less host time.
 
 ``kernel[grid](...)`` (``JITFunction.run``) binds the arguments, derives their specialization and looks the compiled
-kernel up on every call: 16-20 us of host time per launch on the H100 host, against ~6 us for the compiled kernel's
-own launcher (measured 2026-11-23). A BitLinear training step makes seven or eight such launches, and small layers are
-host-bound. ``launch`` takes Triton's path on the first call for each argument specialization, keeps the compiled
-kernel, and afterwards calls its launcher directly.
+kernel up on every call: several times the host time of the compiled kernel's own launcher (bench/notes/bitlinear.md,
+"Tuning record"). A BitLinear training step makes seven or eight such launches, and small layers are host-bound.
+``launch`` takes Triton's path on the first call for each argument specialization, keeps the compiled kernel, and
+afterwards calls its launcher directly.
 
 The cache key is a superset of what Triton specializes on: each tensor's dtype and 16-byte alignment, each integer by
 value (finer than Triton's classes: divisible by 16, equal to 1, its width), floats as floats, and every keyword
 (constexprs and compile options) by value. A hit is therefore the kernel Triton itself would have picked. Integers by
-value make the key ~1.4 us cheaper to build than mapping each to its class (14 arguments, dev CPU) at the price of one
-entry per distinct value (a new batch size); past MAX_ENTRIES the cache starts over. Anything else (host TMA
+value make the key cheaper to build than mapping each to its class, at the price of one entry per distinct value (a
+new batch size); past MAX_ENTRIES the cache starts over. Anything else (host TMA
 descriptors, keyword runtime arguments, launch hooks of a profiler, the interpreter) takes Triton's own path.
 Kernels that need scratch memory (device-side TMA descriptors) get it from Triton's allocator inside the compiled
 launcher, as on Triton's path.
@@ -35,7 +35,8 @@ ENABLED = (CompiledKernel is not None and os.environ.get("BITKERNELS_FAST_LAUNCH
            and os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 # key -> (kernel, compiled kernel, constexpr values in signature order). Keys start with id(kernel): a JITFunction
-# hashes through a lock and a property (~1 us a lookup); the entry keeps the kernel, so its id is never reused.
+# hashes through a lock and a property (slow for a per-launch lookup); the entry keeps the kernel, so its id is never
+# reused.
 _compiled: dict[tuple, tuple] = {}
 _unsupported: set = set()  # ids of kernels whose signature or call does not fit the fast path (kernels kept alive)
 _unsupported_kernels: list = []
@@ -61,7 +62,7 @@ def _specialization(arg):
     raise _NotCacheable
 
 
-MAX_ENTRIES = 4096
+MAX_ENTRIES = 4096  # bounds the cache: integers by value make one entry per distinct value (a new batch size)
 _Tensor = torch.Tensor
 
 

@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.quantization import ACT_EPS
-from ._common import as_rows, cast_to, cdiv, on_device, round_half_to_even, row_tiling
+from .._base import ACT_EPS, as_rows
+from ._common import cast_to, cdiv, on_device, round_half_to_even, row_tiling
 from ._launch import launch
 
 
@@ -52,8 +52,8 @@ def store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, 
 
 
 # Rows of HEAD < n_cols <= HEAD + TAIL columns (row_tiling's tail), one per program, as two 1-D register tiles: 9728
-# columns pad to 10240, not 16384. 1-D because [1, N] tiles compiled to a slower layout (H100 ablation at 9728
-# columns, bench/notes/bitlinear.md v7: 86 vs 98 us).
+# columns pad to 10240, not 16384. 1-D because [1, N] tiles compiled to a slower layout (bench/notes/bitlinear.md,
+# "Tuning record").
 @triton.jit
 def load_head_tail(x_ptr, row, stride_x, n_cols, HEAD: tl.constexpr, TAIL: tl.constexpr):
     """-> (head columns, tail columns, the tail's mask, head tile, tail tile) of one row, fp32; both loads issued

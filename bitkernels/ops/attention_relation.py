@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreter_enabled
-from ..reference.attention_relation import as_tokens_by_features
+from .._base import as_tokens_by_features
 from ._common import AUTOTUNE, cast_to, cdiv, next_power_of_2, on_device
 
 LOG2E = 1.4426950408889634
@@ -40,7 +40,7 @@ M_INIT = tl.constexpr(-1.0e30)
 MAX_HEAD_DIM = 256  # query tiles of both models stay on chip; wider relation heads take backend='torch'
 SHARED_MEMORY_MARGIN = 8 * 1024  # below the device's per-block limit: Triton's layout-conversion scratch
 MAX_RELATIONS_PER_LAUNCH = 3  # Q, K, V: the kernels take three pointer pairs and select one per program
-H100_SHARED_MEMORY = 232448  # per-block opt-in limit, used when torch does not report the device's
+HOPPER_SHARED_MEMORY = 232448  # sm_90's per-block opt-in limit, used when torch does not report the device's
 
 
 def _configs(block_pairs):
@@ -51,14 +51,14 @@ def _configs(block_pairs):
 
 @functools.lru_cache(maxsize=None)
 def _shared_memory_budget(device: torch.device) -> int:
-    if device.type != "cuda":  # pruning checked on the CPU: the H100's limit
-        return H100_SHARED_MEMORY - SHARED_MEMORY_MARGIN
+    if device.type != "cuda":  # pruning checked on the CPU: Hopper's limit
+        return HOPPER_SHARED_MEMORY - SHARED_MEMORY_MARGIN
     props = torch.cuda.get_device_properties(device)  # a tensor's CUDA device always carries its index
-    return getattr(props, "shared_memory_per_block_optin", H100_SHARED_MEMORY) - SHARED_MEMORY_MARGIN
+    return getattr(props, "shared_memory_per_block_optin", HOPPER_SHARED_MEMORY) - SHARED_MEMORY_MARGIN
 
 
 def shared_memory_estimate(block_m: int, block_n: int, num_stages: int, row_bytes: int, fp32: bool) -> int:
-    """Bytes of shared memory a config takes, as Triton 3.6 allocates them on the H100 (measured per config at
+    """Bytes of shared memory a config takes, as Triton 3.6 allocates them on Hopper (measured per config at
     d = 64..256, bf16 and fp32, forward and backward): the resident query rows of both models + ``num_stages`` staged
     key tiles, each row ``row_bytes`` = d_t * size + d_s * size wide. fp32 inputs run 3xTF32 dots, which keep the
     query tiles twice (high and low parts). The m x n fp32 tile and 1 KiB cover the scratch measured next to them."""

@@ -3,7 +3,7 @@
 The eager ``BitLinearFunction`` launches its Triton kernels from Python on every call, and Dynamo cannot trace
 that (a Python weight-code cache, autotuned launchers). These ops are opaque to the compiler: their fake
 implementations give shapes and dtypes, ``register_autograd`` wires the straight-through backward, and at run time
-each calls the very functions the eager Function calls (``bitlinear_forward_impl`` / ``bitlinear_backward_impl``).
+each calls the very functions the eager Function calls (``bitlinear_impl``'s forward and backward).
 
     ternarize_absmean(weight, per_channel, eps)                      -> (int8 codes, fp32 scale [] or [rows])
     bitlinear_forward(x, weight, bias?, norm_weight?, w_codes, w_scale, norm_eps, act_eps, save_input, out_dtype)
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .bitlinear import bitlinear_backward_impl, bitlinear_forward_impl, keeps_input
+from .bitlinear_impl import bitlinear_backward_impl, bitlinear_forward_impl, keeps_input
 from .ternarize import ternarize_absmean as _ternarize_absmean
 
 

@@ -1,8 +1,8 @@
 """int8 codes -> floats (codes * scale, one scale per row or one for all), for the BitLinear backward GEMMs.
 
 The backward GEMMs run on cuBLAS over these dequantized copies: one memory-bound pass (1 byte read, 2 written per
-element) costs ~3-5% of the GEMM it feeds, while dequantizing inside a Triton GEMM's operand loads measured 2.5-12x
-slower than cuBLAS on the H100 (bench/notes/bitlinear.md).
+element) costs a few percent of the GEMM it feeds, while dequantizing inside a Triton GEMM's operand loads measured
+several times slower than cuBLAS (bench/notes/HISTORY.md, v1-v3).
 """
 from __future__ import annotations
 

@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, next_power_of_2, on_device
+from .._base import as_rows
+from ._common import next_power_of_2, on_device
 
-MAX_BLOCK_V = 4096
+MAX_BLOCK_V = 4096  # widest vocabulary tile of the row kernels: longer rows are walked tile by tile
 DEFAULT_CHUNK_ELEMENTS = 1 << 27  # logits per chunk buffer: 128M elements = 256 MB in bf16 (x2 for the teacher)
 
 

@@ -6,6 +6,9 @@ output channel) and the bias in the epilogue: one rounding to the output dtype, 
 share that epilogue (same bits): on Hopper+ a persistent kernel fed by TMA descriptors (``prefer_tma`` picks it for
 aligned operands and large enough GEMMs), elsewhere a pointer-arithmetic one. The backward GEMMs (float gradients
 times dequantized codes) run on cuBLAS: see ``ops.bitlinear``.
+
+Tuning: the config lists (``POINTER_TILES``, ``TMA_TILES``) and the TMA threshold (``TMA_MIN_MACS``) below, each with
+its reason; the measurements behind them are in bench/notes/bitlinear.md, "Tuning record".
 """
 from __future__ import annotations
 
@@ -47,24 +50,23 @@ def _configs(tiles: list[tuple], interpreter_config: dict) -> list[triton.Config
 # with 8 warps (two warpgroups of wgmma) and 3-4 stages fit Hopper's 227 KB of shared memory; 128x128 and 64-row
 # tiles for small M or N and for Ampere (whose 164 KB rejects the deepest configs at compile time, which the
 # autotuner skips). The first fits both. 128x128x128 with one warpgroup at 3 stages leaves room for two programs an
-# SM, whose epilogues and main loops then overlap (see TMA_TILES): forced alone, 0.86-0.88x the time of the list
-# without it at 8192x1024x3072 and 2048x2048x6144, the shapes that stay on this kernel (H100, notes "v16").
-_POINTER_CONFIGS = _configs([
+# SM, whose epilogues and main loops then overlap (see TMA_TILES): it made the shapes that stay on this kernel faster.
+POINTER_TILES = [
     (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
     (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 4, 3), (128, 64, 128, 4, 4), (128, 128, 128, 4, 3),
-], {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
+]
+_POINTER_CONFIGS = _configs(POINTER_TILES, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4})
 
 
 # TMA kernel (Hopper+). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, PERSISTENT, TMA_STORE, PROGRAMS_PER_SM):
-# the 3-stage tiles from a 38-variant sweep on the H100 (2026-11-23, bench/notes/bitlinear.md "v6"), the 4-stage ones
-# from bench/sweep_int8_gemm.py (H200 and H100, 2026-12-05, notes "v12"/"v13": 2-6% faster at 8192 tokens), also with
-# the output stored through a descriptor in two column halves (TMA_STORE; in that sweep 5% faster than the same tile
-# storing through pointers at K=1024, 2% at K=2048, within 1% at K=2560 and 9728: the autotuner picks per shape).
+# the 3-stage tiles won a sweep of tile shapes; the 4-stage ones, found by bench/tools/sweep_int8_gemm.py, are a few
+# percent faster at 8192 tokens, also with the output stored through a descriptor in two column halves (TMA_STORE:
+# faster than the same tile storing through pointers at small K, even at large K: the autotuner picks per shape).
 # Two programs an SM (PROGRAMS_PER_SM=2, one warpgroup and a 128x128 tile each, 168-210 registers a thread and
 # 106-115 KB of shared memory: two fit): one program's epilogue runs while the other's MMAs do, which a single
-# program an SM cannot overlap (its warps both store and multiply). `--set occupancy` of the sweep (H100, notes
-# "v16"): 23% less time at K=1024, 12% at K=2048, 6% at K=2560, 16% at 2048 tokens; 7% more at K=9728, where the
-# 128x256 tiles' longer K loops amortize their epilogue and keep their edge.
+# program an SM cannot overlap (its warps both store and multiply). That saves time at K up to 2560 and at 2048
+# tokens, and costs some at K=9728, where the 128x256 tiles' longer K loops amortize their epilogue and keep their
+# edge.
 # Shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K bytes of operand tiles (4 x 48 KiB at 128x256x128) plus what
 # the epilogue stages (a whole tile staged for a TMA store beside 4 stages needs 262176 bytes of 232448; so does
 # 256x128x128 at 4 stages storing through pointers when N is not a multiple of 16); configs that do not fit fail to
@@ -185,10 +187,10 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
                             PROGRAMS_PER_SM: tl.constexpr):
     # Tiles arrive by the copy engine (TMA), which also zero-fills past M, N and K: no masks in the main loop. The
     # descriptors are built here, on the device, in the launch's scratch memory: host descriptors, which Triton's
-    # launcher encodes on every call, cost ~20 us more host time a call on the H100 host for the same GPU time. A
-    # persistent grid (one program per SM walking tiles) with the tile and K loops flattened lets the next tile's
-    # loads overlap this tile's epilogue; on the H100 that was 5-14% faster than the pointer kernel. PROGRAMS_PER_SM
-    # such programs share each SM (see TMA_TILES).
+    # launcher encodes on every call, cost more host time a call for the same GPU time. A persistent grid (one
+    # program per SM walking tiles) with the tile and K loops flattened lets the next tile's loads overlap this
+    # tile's epilogue, which made it faster than the pointer kernel. PROGRAMS_PER_SM such programs share each SM (see
+    # TMA_TILES).
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if TMA_STORE:  # in two column halves: half a tile of staging, which is what lets a 4th stage fit beside it
@@ -200,8 +202,8 @@ def _int8_matmul_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_
     else:  # one tile per program
         step = num_tiles
     # The epilogue finds its tile from a second counter rather than keeping the offsets from before the K loop across
-    # the flattened loop's pipeline, as the sweep's kernel does (bench/sweep_int8_gemm.py), where the 4-stage tiles
-    # were measured.
+    # the flattened loop's pipeline, as the sweep's kernel does (bench/tools/sweep_int8_gemm.py), where the 4-stage
+    # tiles were measured.
     tile_id_c = tl.program_id(0) - step
     for tile_id in tl.range(tl.program_id(0), num_tiles, step, flatten=True):
         pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -227,10 +229,9 @@ _TUNED: dict[tuple, tuple[dict, dict]] = {}
 
 def _launch_autotuned(kernel, key: tuple, grid, args: tuple, constexprs: dict):
     """Launch an autotuned kernel; once ``key`` is tuned, launch its chosen config directly, skipping the autotuner's
-    per-call dispatch (argument dicts, dtype strings, its key): ``int8_matmul``'s host time went from 196 to 175 us on
-    the H100 host; and through ``_launch.launch``, past the JIT function's own dispatch. ``key`` holds what the
-    autotuner's key holds (M bucket, N, K, flags, dtypes) and so fixes ``constexprs``. ``grid`` takes the config's
-    keywords."""
+    per-call dispatch (argument dicts, dtype strings, its key), a visible share of ``int8_matmul``'s host time; and
+    through ``_launch.launch``, past the JIT function's own dispatch. ``key`` holds what the autotuner's key holds (M
+    bucket, N, K, flags, dtypes) and so fixes ``constexprs``. ``grid`` takes the config's keywords."""
     tuned = _TUNED.get(key)
     if tuned is None:
         kernel[grid](*args, **constexprs)
@@ -266,14 +267,12 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
         t.is_cuda and device_info(t.device).capability[0] >= 9 and tma_layout_ok(t) for t in tensors)
 
 
-# The TMA kernel's GPU time is 5-10% lower (H100), but its launch costs ~10 us more host time than the pointer
-# kernel's (the scratch allocation for its device-side descriptors; host descriptors had cost ~30 us: median of 9
-# GEMM shapes, one process, 2026-11-23, bench/notes/bitlinear.md "v9"): it pays where the GEMM's GPU time hides that,
-# ~2**35 multiply-adds (~70 us at 1000 TOP/s) and up. Checked again with the descriptor-store configs (H100,
-# 2026-12-05, notes "v13"): at 2**34.6 (8192x1024x3072, 2048x2048x6144) TMA saved 7 and 4 us of GPU time but cost
-# 20-40 us more host time, and rows that small are host-bound. (Not switched on during CUDA-graph capture: the
-# captured call would then take a kernel and tuning key its eager warm-up never tuned, and autotuning inside a
-# capture breaks it.)
+# The TMA kernel takes less GPU time than the pointer kernel, but its launch costs more host time (the scratch
+# allocation for its device-side descriptors): it pays where the GEMM's GPU time hides that, from ~2**35
+# multiply-adds up. Checked again with the descriptor-store configs: just below (8192x1024x3072, 2048x2048x6144) the
+# GPU time it saved was less than the host time it cost, and rows that small are host-bound. (Not switched on during
+# CUDA-graph capture: the captured call would then take a kernel and tuning key its eager warm-up never tuned, and
+# autotuning inside a capture breaks it.)
 TMA_MIN_MACS = 2 ** 35
 
 

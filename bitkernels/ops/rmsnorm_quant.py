@@ -2,6 +2,10 @@
 
 Backward (straight-through through the quantizer) is the plain RMSNorm backward, from x and the saved 1/rms; for
 BitLinear it also writes the dequantized codes the weight-gradient GEMM needs, from the same read of x.
+``quantize_input`` is BitLinear's input quantization, with or without the SubLN.
+
+The backward's tiling constants are its tuning table; the measurements behind them are in bench/notes/bitlinear.md,
+"Tuning record".
 """
 from __future__ import annotations
 
@@ -9,12 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.quantization import ACT_EPS
-from ._common import (as_rows, cast_to, cdiv, check_row_length, device_info, next_power_of_2, on_device, row_block,
-                      row_tiling)
+from .._base import ACT_EPS, as_rows
+from ._common import cast_to, cdiv, check_row_length, device_info, next_power_of_2, on_device, row_block, row_tiling
 from ._launch import launch
-from .act_quant import (int8_row_scales, load_head_tail, load_row_tile, store_int8, store_int8_head_tail,
-                        store_int8_rows)
+from .act_quant import (int8_row_scales, load_head_tail, load_row_tile, quantize_activations_int8, store_int8,
+                        store_int8_head_tail, store_int8_rows)
+
+# Backward tiling. Rows padded past WHOLE_ROW_MAX columns take the two-kernel path (row dot, then column tiles): the
+# whole-row kernel spills registers on longer rows, the pair runs at its own floor (5 passes over the data, not 3).
+WHOLE_ROW_MAX = 4096
+DOT_BLOCK, DOT_WARPS = 2048, 8  # long rows, step 1: the per-row dot in 2048-wide chunks
+TILE_M, TILE_N, TILE_WARPS = 32, 128, 8  # long rows, step 2: column tiles over runs of rows
+# The dw sum over per-program partial rows: 16 columns a program (128 programs over 2048 columns), 128 partial rows a
+# step; about twice as fast as 32 columns, 64 rows and 4 warps.
+SUM_BLOCK_P, SUM_BLOCK_N, SUM_WARPS = 128, 16, 8
 
 
 @triton.jit
@@ -29,7 +41,7 @@ def rmsnorm_quantize_rows(program, x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         # The norm weight is loaded once 1/rms is known: live beside x through the reduction it costs registers,
-        # so resident rows (an H100 ablation at 9728 columns: 91 -> 86 us).
+        # so resident rows (faster in an ablation: bench/notes/bitlinear.md, "Tuning record").
         y = x * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
         absmax = tl.maximum(tl.max(tl.abs(y), axis=1), act_eps)
         store_int8_rows(out_ptr, y, absmax, rows, cols, row_mask, mask, stride_out, scale_ptr, DEQUANTIZE)
@@ -66,8 +78,8 @@ def _rmsnorm_quantize_fwd_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_r
 def _rmsnorm_quantize_fwd_head_tail_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, rstd_ptr, n_cols, stride_x, stride_out,
                                            eps, act_eps, HEAD: tl.constexpr, TAIL: tl.constexpr,
                                            DEQUANTIZE: tl.constexpr):
-    # Rows just past SINGLE_PASS_MAX columns (act_quant.load_head_tail): H100, M=8192, 9728 columns 110 -> 90 us
-    # against the [1, N] tiles of the kernel above.
+    # Rows just past SINGLE_PASS_MAX columns (act_quant.load_head_tail): 1-D tiles, faster than the [1, N] tiles of
+    # the kernel above.
     row = tl.program_id(0).to(tl.int64)
     cols, tail_cols, tail_mask, x, x_tail = load_head_tail(x_ptr, row, stride_x, n_cols, HEAD, TAIL)
     rstd = 1.0 / tl.sqrt((tl.sum(x * x, axis=0) + tl.sum(x_tail * x_tail, axis=0)) / n_cols + eps)
@@ -207,7 +219,7 @@ def _rmsnorm_bwd_tile_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dot
 @triton.jit
 def _sum_dw_partials_kernel(partial_ptr, dw_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     # Column sums of the backward's per-program dw rows, in a fixed order (deterministic), rounded once to the norm
-    # weight's dtype. torch's dim-0 sum and cast of [528, 2048] fp32 took 16.6 + 1.1 us in an H100 trace; this 11.2.
+    # weight's dtype: faster than torch's dim-0 sum and cast (bench/notes/bitlinear.md, "Tuning record").
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
@@ -216,11 +228,6 @@ def _sum_dw_partials_kernel(partial_ptr, dw_ptr, n_partials, n_cols, BLOCK_P: tl
         acc += tl.load(partial_ptr + p[:, None] * n_cols + cols[None, :],
                        mask=(p[:, None] < n_partials) & col_mask[None, :], other=0.0)
     tl.store(dw_ptr + cols, cast_to(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty), mask=col_mask)
-
-
-# 16 columns a program (128 programs over 2048 columns), 128 partial rows a step: an H100 sweep (2026-11-23, ~528
-# partial rows) ran 8.0-10.1 us at 1024-4096 columns against 16.8-17.8 for the earlier 32 columns, 64 rows, 4 warps.
-SUM_BLOCK_P, SUM_BLOCK_N, SUM_WARPS = 128, 16, 8
 
 
 def _sum_dw_partials(dw_partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -258,19 +265,20 @@ def rmsnorm_quantize_int8_forward(x: torch.Tensor, weight: torch.Tensor, eps: fl
     return out, scale, rstd
 
 
-# Rows padded past this many columns take the two-kernel path (row dot, then column tiles). On the H100 the
-# whole-row kernel ran 1.2-1.3x its bandwidth floor up to 4096 and 1.8x at 16384 (register spills), the pair
-# ~1.0x each of its own floor (5 passes over the data instead of 3). Sweep of 2026-11-23, bench/notes/bitlinear.md.
-WHOLE_ROW_MAX = 4096
-DOT_BLOCK, DOT_WARPS = 2048, 8
-TILE_M, TILE_N, TILE_WARPS = 32, 128, 8
+def quantize_input(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float, act_eps: float):
+    """BitLinear's input quantization of rows [M, K] -> (int8 codes, fp32 per-token scale, fp32 1/rms or None): SubLN
+    fused with the quantization. The x half alone, in its own launch: for cached weight codes, and for rows that
+    ``ternarize_and_quantize`` leaves to the separate ops."""
+    if norm_weight is None:
+        codes, scale = quantize_activations_int8(x2, act_eps)
+        return codes, scale, None
+    return rmsnorm_quantize_int8_forward(x2, norm_weight, norm_eps, act_eps)
 
 
 def whole_row_bwd_block(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS a step, num_warps) of the whole-row backward: ``row_block``'s, but one row a step at 2048
-    padded columns and two at 4096 when a quarter or more of the tile is padding. H100 sweep (2026-11-23, M=8192,
-    bf16, with the grad_W operand, 4 warps): 2048 columns 57.1 us vs 63.0 with two rows; 2560 80.8 vs 89.7 with one;
-    3072 88.4 vs 96.5; 3584 and 4096 best with one (bench/notes/bitlinear.md, v10)."""
+    padded columns and two at 4096 when a quarter or more of the tile is padding: the fastest in a sweep of rows a
+    step per row length (bench/notes/bitlinear.md, "Tuning record")."""
     block_n, rows, num_warps = row_block(n_cols)
     if block_n == 2048:
         rows = 1

@@ -9,12 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.quantization import WEIGHT_EPS
-from ._common import as_rows, cast_to, cdiv, next_power_of_2, on_device, round_half_to_even, row_block
+from .._base import WEIGHT_EPS, as_rows
+from ._common import cast_to, cdiv, next_power_of_2, on_device, round_half_to_even, row_block
 from ._launch import launch
 
-BLOCK = 4096
-MAX_PARTIALS = 1024
+# Tuning (bench/notes/bitlinear.md, "Tuning record"):
+BLOCK = 4096  # elements a block of the |w| partial sums and of the per-tensor codes pass (both at 8 warps)
+MAX_PARTIALS = 1024  # partial sums of |w|: few enough that every codes program re-adds them in one block reduction
+MIN_CODES_PROGRAMS = 256  # codes programs of several blocks (codes_chunks) only while at least this many remain
 
 
 @triton.jit
@@ -41,7 +43,7 @@ def ternary_codes(w, scale, DEQUANTIZE: tl.constexpr):
 def absmean_from_partials(partial_ptr, n_partials, numel, eps, PARTIALS: tl.constexpr):
     """max(sum of the partial sums of |w| / numel, eps), the same whatever the launch. A float sum's order follows the
     launch's layout: in x's launch (``ternarize_and_quantize``) some weights got a scale an ulp away from ternarize's
-    own (3 of 8 shapes on an H100; 11 of 24 seeds on an H200 at equal warps). So the partials are added as integers
+    own (bench/notes/bitlinear.md, "Tuning record"). So the partials are added as integers
     (associative): in fixed point, 52 bits below the largest one's exponent (a partial 2^28 times smaller still keeps
     all its bits), then rounded once."""
     p = tl.arange(0, PARTIALS)
@@ -68,7 +70,7 @@ def ternarize_tensor_block(pid, n_programs, w_ptr, out_ptr, partial_ptr, scale_p
     if pid == 0:
         tl.store(scale_ptr, scale)
     # Blocks last to first: the partial sums' grid-stride loops read the last blocks last, so the programs that start
-    # first find them in L2 (H100, 9728x2560 bf16, both launches: 52.9 -> 51.0 us in an A/B; 53.2 -> 46.7 in a sweep).
+    # first find them in L2 (faster in an A/B and a sweep: bench/notes/bitlinear.md, "Tuning record").
     for c in tl.static_range(CHUNKS):
         offs = ((n_programs - pid) * CHUNKS - 1 - c).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -77,14 +79,10 @@ def ternarize_tensor_block(pid, n_programs, w_ptr, out_ptr, partial_ptr, scale_p
         tl.store(out_ptr + offs, cast_to(q, out_ptr.dtype.element_ty), mask=mask)
 
 
-MIN_CODES_PROGRAMS = 256
-
-
 def codes_chunks(numel: int, block: int) -> int:
     """Blocks a codes program takes: each program first adds up the partial sums (``absmean_from_partials``: three
-    block reductions), so larger weights take fewer, longer programs, as long as MIN_CODES_PROGRAMS remain. H100,
-    2026-12-05 (notes "v16"), both launches, 4096-element blocks: 3072x1024 7.3 -> 6.8 us at 2 a program, 6144x2048
-    21.1 -> 18.4 and 9728x2560 45.5 -> 41.2 at 4."""
+    block reductions), so larger weights take fewer, longer programs, as long as MIN_CODES_PROGRAMS remain (faster
+    at every measured weight shape: bench/notes/bitlinear.md, "Tuning record")."""
     for chunks in (4, 2):
         if numel >= MIN_CODES_PROGRAMS * chunks * block:
             return chunks

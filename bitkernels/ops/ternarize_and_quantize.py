@@ -9,11 +9,10 @@ program runs the separate kernels' own code (``ternarize_tensor_block``, ``rmsno
 ``quantize_activation_rows``), and the weight scale does not depend on the launch (``absmean_from_partials``), so
 codes and scales are the separate ops' bit for bit.
 
-H100 kernel time against d7cc6fa's separate ops (profiler, 2026-12-05, bench/notes/bitlinear.md "v16"; x 8192 rows,
-2048 in brackets; weight programs of several blocks, ``codes_chunks``): 0.77x (0.74x) at 1024 columns with a 3072x1024
-weight, 0.83x (0.76x) at 2048 / 6144x2048, 0.86x (0.84x) at 2560 / 9728x2560. Rows longer than SINGLE_PASS_MAX (one a
-program, in head and tail tiles) ran 1.07x (1.05x) in one launch at 9728 columns (v15): those take the separate ops.
-Per-channel weight scales keep their own single-launch kernel.
+The one launch took less kernel time than the separate ops at every measured row length that fits one register
+tile; rows longer than SINGLE_PASS_MAX (one a program, in head and tail tiles) ran slower in one launch, so those take
+the separate ops (bench/notes/bitlinear.md, "Tuning record"). Per-channel weight scales keep their own single-launch
+kernel.
 """
 from __future__ import annotations
 
@@ -21,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.quantization import ACT_EPS, WEIGHT_EPS
-from ._common import as_rows, cdiv, next_power_of_2, on_device, row_tiling
+from .._base import ACT_EPS, WEIGHT_EPS, as_rows
+from ._common import cdiv, next_power_of_2, on_device, row_tiling
 from ._launch import launch
-from .act_quant import quantize_activation_rows, quantize_activations_int8
-from .rmsnorm_quant import rmsnorm_quantize_int8_forward, rmsnorm_quantize_rows
+from .act_quant import quantize_activation_rows
+from .rmsnorm_quant import quantize_input, rmsnorm_quantize_rows
 from .ternarize import abs_sum_partials, codes_chunks, ternarize_absmean, ternarize_tensor_block
 
 
@@ -45,15 +44,6 @@ def _ternarize_and_quantize_kernel(w_ptr, w_codes_ptr, partial_ptr, w_scale_ptr,
     else:
         quantize_activation_rows(pid - n_w_programs, x_ptr, codes_ptr, scale_ptr, n_rows, n_cols, stride_x,
                                  stride_codes, act_eps, BLOCK_N, ROWS, False, False)
-
-
-def quantize_input(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float, act_eps: float):
-    """Rows [M, K] -> (int8 codes, fp32 per-token scale, fp32 1/rms or None): SubLN fused with the quantization. The x
-    half alone, in its own launch: for cached weight codes, and for rows that take the separate ops."""
-    if norm_weight is None:
-        codes, scale = quantize_activations_int8(x2, act_eps)
-        return codes, scale, None
-    return rmsnorm_quantize_int8_forward(x2, norm_weight, norm_eps, act_eps)
 
 
 def ternarize_and_quantize_forward(weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None,

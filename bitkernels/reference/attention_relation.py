@@ -23,14 +23,7 @@ import math
 
 import torch
 
-
-def as_tokens_by_features(a: torch.Tensor) -> torch.Tensor:
-    """[B, L, D] stays; [B, H, L, d] (per-head layout, any H, e.g. GQA K/V) -> [B, L, H * d], heads concatenated
-    in order as the projection wrote them."""
-    if a.dim() == 4:
-        b, h, l, d = a.shape
-        return a.transpose(1, 2).reshape(b, l, h * d)
-    return a
+from .._base import as_tokens_by_features
 
 
 def _relation_logits(a: torch.Tensor, num_relation_heads: int, dtype: torch.dtype) -> torch.Tensor:

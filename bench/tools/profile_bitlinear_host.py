@@ -1,9 +1,9 @@
 """Is a BitLinear row host-bound? Per fwd+bwd step: the bench's time, host time, and GPU kernel time, side by side.
 
-    python bench/profile_bitlinear_host.py [--shapes 8192x2048x6144,8192x1024x3072] [--out path.json]
-    python bench/profile_bitlinear_host.py --pieces [--shapes 8192x2048x6144]     # host time of each piece of `ours`
-    python bench/profile_bitlinear_host.py --ab REV [--repeats 7]                 # host time of `ours` vs git REV's
-    python bench/profile_bitlinear_host.py --ab DIR                               # ... vs DIR/bitkernels (no git)
+    python bench/tools/profile_bitlinear_host.py [--shapes 8192x2048x6144,8192x1024x3072] [--out path.json]
+    python bench/tools/profile_bitlinear_host.py --pieces [--shapes 8192x2048x6144]  # host time of each piece of ours
+    python bench/tools/profile_bitlinear_host.py --ab REV [--repeats 7]    # host time of `ours` vs git REV's
+    python bench/tools/profile_bitlinear_host.py --ab DIR                  # ... vs DIR/bitkernels (no git)
 
 For each shape (tokens x in x out) and implementation of the bitlinear suite (ours eager, ours under torch.compile
 default and reduce-overhead modes, plain RMSNorm + nn.Linear eager / compiled / CUDA graphs), three numbers per
@@ -42,7 +42,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import parse_shapes, write_results  # noqa: E402

@@ -1,17 +1,17 @@
 """Sweep of int8 TMA GEMM variants against the shipped ``int8_matmul``: warp specialization, TMA-store epilogue,
 epilogue split in two column halves. An experiment for what to ship next, not a shipped kernel.
 
-    python bench/sweep_int8_gemm.py [--compile-budget 240] [--out path.json]     # GPU: check and time
-    TRITON_INTERPRET=1 python bench/sweep_int8_gemm.py                           # CPU: check only, tiny shapes
-    python bench/sweep_int8_gemm.py --baseline old_int8_matmul.py                # also an earlier int8_matmul.py
-    python bench/sweep_int8_gemm.py --shapes 8192x1024x3072 --compile-budget 0   # other shapes; no variants
-    python bench/sweep_int8_gemm.py --set occupancy                              # two programs an SM
+    python bench/tools/sweep_int8_gemm.py [--compile-budget 240] [--out path.json]     # GPU: check and time
+    TRITON_INTERPRET=1 python bench/tools/sweep_int8_gemm.py                           # CPU: check only, tiny shapes
+    python bench/tools/sweep_int8_gemm.py --baseline old_int8_matmul.py                # also an earlier int8_matmul.py
+    python bench/tools/sweep_int8_gemm.py --shapes 8192x1024x3072 --compile-budget 0   # other shapes; no variants
+    python bench/tools/sweep_int8_gemm.py --set occupancy                              # two programs an SM
 
 ``--baseline``: a copy of an earlier ``bitkernels/ops/int8_matmul.py`` (``git show REV:bitkernels/ops/int8_matmul.py
 > old.py``; the device machine gets no git history), checked bit for bit against the shipped kernel (with and without
 bias) and timed beside it in the same process: the A/B for a change to the shipped kernel or its configs.
 
-Why these: after v10 the int8 GEMM runs at 1.2-1.5x cuBLAS bf16 against a 2x ratio of peaks (bench/notes/bitlinear.md
+Why these: after v10 the int8 GEMM runs at 1.2-1.5x cuBLAS bf16 against a 2x ratio of peaks (bench/notes/HISTORY.md
 "v11"). The shipped kernel is persistent with its tile and K loops flattened, so the next tile's loads overlap this
 tile's epilogue, but one warpgroup pair both issues the loads and does the math, and its epilogue stores through
 registers with an output tile staged beside the pipeline (which keeps out 4-stage configs). Variants (constexprs):
@@ -21,7 +21,7 @@ registers with an output tile staged beside the pipeline (which keeps out 4-stag
     SUBTILE    the epilogue in two BLOCK_N/2 halves: half the staging buffer, room for a 4th stage
 Every variant must equal the shipped kernel bit for bit (same epilogue arithmetic) before it is timed; a variant
 that fails to compile is reported and skipped. Since v13 the shipped kernel itself tunes over the 4-stage tiles and the
-two-half TMA-store epilogue (bench/notes/bitlinear.md), so "shipped" already includes what this sweep found.
+two-half TMA-store epilogue (bench/notes/HISTORY.md, v13), so "shipped" already includes what this sweep found.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import parse_shapes, write_results  # noqa: E402
@@ -137,7 +137,7 @@ def occupancy_variants() -> list[dict]:
     that two fit an SM's registers and shared memory, so that one program's epilogue overlaps the other's main loop
     (what a ping-pong schedule does with two consumer warpgroups; with one program an SM the MMAs idle while it
     stores). Before this sweep the shipped kernel ran one an SM and spent ~66 us at K=1024 on 51.5 GOP where its main
-    loops alone would take ~42 (bench/notes/bitlinear.md "v16", which shipped the winner). One program an SM of the
+    loops alone would take ~42 (bench/notes/HISTORY.md "v16", which shipped the winner). One program an SM of the
     same tiles, and the 128x256 tile, as controls."""
     if INTERPRET:
         tiles = [(16, 32, 32, 4, 1, 2)]

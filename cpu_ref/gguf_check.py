@@ -1,0 +1,155 @@
+"""Run an exported GGUF in llama.cpp (through llama-cpp-python) and compare it with the PyTorch student.
+
+    python -m cpu_ref check-gguf STUDENT_DIR out.gguf [--prompts "text" ...] [--tokens 32] [--threads N]
+
+For each prompt (tokenized by the HF tokenizer; the same ids go to both, so the model is compared, not the
+tokenizer) the student greedily generates ``--tokens`` tokens. On that sequence, teacher-forced, both give the
+next-token logits at the ``--tokens`` positions: reported are the fraction of positions whose argmax agree, the
+logits' relative error ||l_llama - l_torch|| / ||l_torch|| (Frobenius, over those positions), and the max abs
+difference. llama.cpp also generates greedily on its own from the prompt: the fraction of the ``--tokens``
+positions equal to the student's and the first one that differs. Whether llama.cpp's own tokenization of the text
+equals the HF tokenizer's is reported too.
+
+``make_llama_student`` builds the small random Llama-architecture student (SubLN, tied embedding, byte-level BPE
+tokenizer) that the tests and the benchmark use.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+
+DEFAULT_PROMPTS = ("the movie was great in the morning.", "my friend said the book was",
+                   "a neighbor visited the park last week. it was")
+
+
+def llama_cpp_available() -> tuple[bool, str]:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # ImportError, or a shared library that does not load
+        return False, f"llama-cpp-python is not usable here ({type(exc).__name__}: {exc})"
+    return True, getattr(llama_cpp, "__version__", "?")
+
+
+def load_llama(path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True):
+    from llama_cpp import Llama
+
+    kw = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=logits_all,
+                 verbose=False, **kw)
+
+
+def llama_logits(llm, tokens: list[int]) -> np.ndarray:
+    """Next-token logits [len(tokens), vocab] of ``tokens`` in one evaluation from an empty cache."""
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+
+
+def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        llm.eval([tok])
+    return out
+
+
+def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32, n_threads: int | None = None,
+            model=None, prompt_ids: list[list[int]] | None = None) -> dict:
+    """The comparison above, per prompt and overall. ``prompt_ids``: token ids instead of text (no tokenizer
+    needed; tokenization is then not compared). ``model``: the student, already loaded."""
+    from bitdistill.convert import load_student
+
+    from .runner import greedy_generate
+
+    model = model if model is not None else load_student(student_dir, backend="torch", dtype=torch.float32)
+    if prompt_ids is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+        ids_list = [tokenizer(p)["input_ids"] for p in prompts]
+    else:
+        tokenizer, ids_list, prompts = None, [list(map(int, i)) for i in prompt_ids], [None] * len(prompt_ids)
+    llm = load_llama(gguf_path, n_ctx=max(len(i) for i in ids_list) + n_tokens + 8, n_threads=n_threads)
+    rows = []
+    for prompt, ids in zip(prompts, ids_list):
+        P = len(ids)
+        seq = greedy_generate(model, torch.tensor([ids]), n_tokens)["tokens"][0]
+        with torch.inference_mode():
+            ref = model(input_ids=seq[None]).logits[0, P - 1:P - 1 + n_tokens].float().numpy()
+        got = llama_logits(llm, seq.tolist())[P - 1:P - 1 + n_tokens]
+        own = llama_greedy(llm, ids, n_tokens)
+        student_new = seq[P:P + n_tokens].tolist()
+        equal = [a == b for a, b in zip(own, student_new)]
+        same_tokens = None
+        if tokenizer is not None:
+            llama_ids = llm.tokenize(prompt.encode(), add_bos=bool(ids) and ids[0] == tokenizer.bos_token_id,
+                                     special=False)
+            same_tokens = list(llama_ids) == list(ids)
+        rows.append({"prompt": prompt if prompt is not None else ids, "prompt_tokens": P,
+                     "argmax_agree": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+                     "logits_rel_err": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+                     "logits_max_abs_diff": float(np.abs(got - ref).max()),
+                     "logits_max_abs": float(np.abs(ref).max()),
+                     "greedy_equal_frac": float(np.mean(equal)),
+                     "first_differing_token": next((j for j, e in enumerate(equal) if not e), None),
+                     "tokenization_equal": same_tokens})
+    keys = ("argmax_agree", "logits_rel_err", "greedy_equal_frac")
+    return {"gguf": str(gguf_path), "n_tokens": n_tokens, "prompts": rows,
+            **{f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in keys},
+            "max_logits_rel_err": max(r["logits_rel_err"] for r in rows),
+            "tokenization_equal": None if tokenizer is None else all(r["tokenization_equal"] for r in rows)}
+
+
+def make_llama_student(out_dir, seed: int = 0, hidden_size: int = 256, intermediate_size: int = 512,
+                       num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+                       vocab_size: int = 512, per_channel: bool = False, fp_dir=None, **config_kwargs) -> str:
+    """A random Llama-architecture bitdistill student (SubLN, tied embedding) with a byte-level BPE tokenizer,
+    saved as bitdistill saves one (save_pretrained + tokenizer); ``fp_dir``: also its FP teacher (latent weights,
+    no SubLN). Returns ``out_dir``."""
+    import random
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bitdistill.convert import convert_to_bitnet
+    from bitdistill.tiny import build_tokenizer, corpus_text
+
+    out = pathlib.Path(out_dir)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer([corpus_text(rng) for _ in range(400)], vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, max_position_embeddings=512,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config_kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # a wider embedding than the 0.02 init: logits with clear argmaxes
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    if fp_dir is not None:
+        model.save_pretrained(fp_dir)
+        tokenizer.save_pretrained(fp_dir)
+    convert_to_bitnet(model, subln=True, quantize=True, per_channel=per_channel, backend="torch")
+    with torch.no_grad():  # SubLN gains away from 1 so that a wrong mapping shows
+        for name, p in model.named_parameters():
+            if name.endswith("subln.weight"):
+                p.uniform_(0.8, 1.2)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['gguf']}: {len(r['prompts'])} prompts x {r['n_tokens']} tokens"]
+    for p in r["prompts"]:
+        lines.append(f"  {str(p['prompt'])[:40]!r:44} argmax agree {p['argmax_agree']:.3f}, logits rel err "
+                     f"{p['logits_rel_err']:.2e}, own greedy equal {p['greedy_equal_frac']:.3f} (first differing "
+                     f"{p['first_differing_token']}), tokenization equal {p['tokenization_equal']}")
+    lines.append(f"mean argmax agreement {r['mean_argmax_agree']:.3f}, mean greedy equal {r['mean_greedy_equal_frac']:.3f}, "
+                 f"logits rel err mean {r['mean_logits_rel_err']:.2e} / max {r['max_logits_rel_err']:.2e}")
+    return "\n".join(lines)
+

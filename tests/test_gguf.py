@@ -1,0 +1,219 @@
+"""GGUF export of a bitdistill student for llama.cpp (cpu_ref/gguf_export.py, gguf_reader.py, gguf_check.py).
+
+Needs the `gguf` package (skipped without it); the llama.cpp comparison needs llama-cpp-python (skipped without).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+from cpu_ref.gguf_check import compare, llama_cpp_available, make_llama_student  # noqa: E402
+from cpu_ref.gguf_export import GGUFExportError, export_gguf, representability_problems  # noqa: E402
+from cpu_ref.gguf_reader import GGUFError, read_gguf  # noqa: E402
+
+TERNARY = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+      "ffn_down": "mlp.down_proj"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    student = make_llama_student(root / "student", fp_dir=root / "teacher")
+    return root, student, str(root / "teacher")
+
+
+def _state(path):
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["tq2_0", "tq1_0"])
+def test_round_trip_bit_for_bit(models, kind):
+    from bitkernels.reference import ternarize_absmean
+
+    root, student, _ = models
+    out = root / f"s-{kind}.gguf"
+    r = export_gguf(student, out, kind, embed="f32")
+    assert r["fallbacks"] == [] and r["arch"] == "bitnet"
+    f = read_gguf(out)
+    assert f.metadata["general.architecture"] == "bitnet" and f.metadata["tokenizer.ggml.model"] == "gpt2"
+    state = _state(student)
+    for i in range(2):
+        for g in TERNARY:
+            name = f"blk.{i}.{g}.weight"
+            assert f.tensors[name].type_name == kind.upper()
+            codes, d = f.ternary_codes(name)
+            want, scale = ternarize_absmean(state[f"model.layers.{i}.{HF[g]}.weight"].float())
+            assert np.array_equal(codes, want.numpy())
+            assert set(np.unique(d.astype(np.float32))) <= {0.0, 1.0}
+            assert f.dequantize(f"blk.{i}.{g}.scale").tolist() == [scale.item()]  # float32, exactly
+        sub = f.dequantize(f"blk.{i}.ffn_sub_norm.weight")
+        assert np.array_equal(sub, state[f"model.layers.{i}.mlp.down_proj.subln.weight"].numpy())
+    # our reader and gguf-py agree on every tensor, bit for bit
+    for t in gguf.GGUFReader(str(out)).tensors:
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+        ours = f.dequantize(t.name)
+        assert np.array_equal(ours, theirs.reshape(ours.shape)), t.name
+    assert np.array_equal(f.dequantize("token_embd.weight"), state["model.embed_tokens.weight"].numpy())
+
+
+def test_per_channel_scales_in_blocks(tmp_path):
+    from bitkernels.reference import ternarize_absmean
+
+    student = make_llama_student(tmp_path / "pc", num_hidden_layers=1, per_channel=True)
+    f = read_gguf(export_gguf(student, tmp_path / "pc.gguf", "tq2_0")["out"])
+    assert "blk.0.attn_q.scale" not in f.tensors
+    w = _state(student)["model.layers.0.self_attn.q_proj.weight"].float()
+    codes, scale = ternarize_absmean(w, per_channel=True)
+    got, d = f.ternary_codes("blk.0.attn_q.weight")
+    assert np.array_equal(got, codes.numpy())
+    assert np.array_equal(d, np.repeat(scale.numpy().astype(np.float16)[:, None], d.shape[1], axis=1))
+
+
+def test_rows_not_multiple_of_256(tmp_path):
+    student = make_llama_student(tmp_path / "odd", num_hidden_layers=1, intermediate_size=320)
+    with pytest.raises(GGUFExportError, match=r"blk\.0\.ffn_down\.weight: rows of 320 values"):
+        export_gguf(student, tmp_path / "odd.gguf", "tq2_0", strict=True)
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".*tmp*")) == []
+    r = export_gguf(student, tmp_path / "odd.gguf", "tq2_0")
+    assert [n.split(":")[0] for n in r["fallbacks"]] == ["blk.0.ffn_down.weight"]
+    f = read_gguf(tmp_path / "odd.gguf")
+    assert f.tensors["blk.0.ffn_down.weight"].type_name == "Q8_0"
+    assert f.tensors["blk.0.ffn_up.weight"].type_name == "TQ2_0"
+    from bitkernels.reference import ternarize_absmean
+
+    codes, _ = ternarize_absmean(_state(student)["model.layers.0.mlp.down_proj.weight"].float())
+    assert np.array_equal(f.dequantize("blk.0.ffn_down.weight"), codes.numpy().astype(np.float32))
+
+
+def test_reader_rejects_bad_files(models, tmp_path):
+    root, student, _ = models
+    good = tmp_path / "good.gguf"
+    export_gguf(student, good, "tq2_0")
+    data = good.read_bytes()
+    cases = {"magic": b"GGUX" + data[4:], "version": data[:4] + (99).to_bytes(4, "little") + data[8:],
+             "truncated-header": data[:200], "truncated-data": data[:len(data) - 1000]}
+    for what, blob in cases.items():
+        p = tmp_path / f"{what}.gguf"
+        p.write_bytes(blob)
+        with pytest.raises(GGUFError, match="not a GGUF|version 99|truncated|runs past the end"):
+            read_gguf(p)
+    # a TQ2_0 byte holding the unused code 3 is caught when decoded
+    f = read_gguf(good)
+    t = f.tensors["blk.0.attn_q.weight"]
+    bad = bytearray(data)
+    bad[t.offset] = 0xFF
+    p = tmp_path / "code3.gguf"
+    p.write_bytes(bytes(bad))
+    with pytest.raises(GGUFError, match="value 3"):
+        read_gguf(p).ternary_codes("blk.0.attn_q.weight")
+    with pytest.raises(GGUFError, match="no tensor"):
+        f.dequantize("nope")
+
+
+def test_refuses_what_llama_cpp_cannot_represent(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bitdistill.convert import convert_to_bitnet
+    from bitdistill.tiny import tiny_qwen3_config
+
+    model = AutoModelForCausalLM.from_config(tiny_qwen3_config(64, hidden_size=256, intermediate_size=256))
+    convert_to_bitnet(model, subln=True, backend="torch")
+    model.save_pretrained(tmp_path / "q3")
+    with pytest.raises(GGUFExportError, match="model_type 'qwen3'.*q/k norms"):
+        export_gguf(tmp_path / "q3", tmp_path / "q3.gguf", "tq2_0")
+    assert not (tmp_path / "q3.gguf").exists()
+
+    from transformers import LlamaConfig
+
+    c = LlamaConfig(hidden_size=256, num_attention_heads=4, tie_word_embeddings=False, hidden_act="gelu",
+                    rope_scaling={"rope_type": "linear", "factor": 2.0}, rms_norm_eps=1e-5)
+    problems = " | ".join(representability_problems(c, {"subln": False, "subln_eps": 1e-6}, ["x.bias"]))
+    for why in ("without SubLN", "untied lm_head", "biases", "hidden_act 'gelu'", "rope_scaling"):
+        assert why in problems
+    rec = {"subln": True, "subln_eps": 1e-6, "quantize": True}
+    assert "one epsilon" in " ".join(representability_problems(LlamaConfig(tie_word_embeddings=True,
+                                                                           rms_norm_eps=1e-5), rec, []))
+
+
+def test_failed_write_leaves_nothing(models, tmp_path, monkeypatch):
+    import cpu_ref.gguf_export as ge
+
+    _, student, _ = models
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ge, "add_vocab", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(student, tmp_path / "x.gguf", "tq1_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_and_teacher(models, tmp_path, capsys):
+    from cpu_ref.__main__ import main
+
+    root, student, teacher = models
+    assert main(["export-gguf", student, str(tmp_path / "s.gguf"), "--type", "tq1_0", "--embed", "f16"]) == 0
+    assert read_gguf(tmp_path / "s.gguf").tensors["token_embd.weight"].type_name == "F16"
+    with pytest.raises(SystemExit, match="not a student"):
+        main(["export-gguf", teacher, str(tmp_path / "t.gguf"), "--type", "tq2_0"])
+    assert main(["export-gguf", teacher, str(tmp_path / "t.gguf"), "--type", "q8_0"]) == 0
+    t = read_gguf(tmp_path / "t.gguf")
+    assert t.metadata["general.architecture"] == "llama" and t.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
+
+
+needs_llama = pytest.mark.skipif(not llama_cpp_available()[0], reason=llama_cpp_available()[1])
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", ["tq2_0", "tq1_0"])
+def test_llama_cpp_matches_student(models, kind):
+    root, student, _ = models
+    out = root / f"cmp-{kind}.gguf"
+    export_gguf(student, out, kind, embed="f32")
+    r = compare(student, out, n_tokens=32, n_threads=2)
+    # only the activation quantization differs (per token in the student, per 256-block in llama.cpp)
+    assert r["tokenization_equal"]
+    assert r["mean_argmax_agree"] >= 0.9, json.dumps(r)
+    # a wrong mapping shows: attn_sub_norm left at 1 gives 2.9e-2 here; the right file 6e-3
+    assert r["max_logits_rel_err"] < 0.015, json.dumps(r)
+
+
+@needs_llama
+def test_llama_cpp_teacher_matches_hf(models):
+    """The FP teacher as llama-arch f32: q/k permutation, RoPE and metadata right (logits to float rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    from cpu_ref.gguf_check import llama_logits, load_llama
+
+    root, _, teacher = models
+    out = root / "teacher-f32.gguf"
+    export_gguf(teacher, out, "f32")
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    ids = list(range(3, 40))
+    with torch.inference_mode():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = llama_logits(load_llama(out, n_ctx=64, n_threads=2), ids)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 5e-4  # 1.2e-5 measured; unpermuted q/k: 2.4e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+def test_placeholder_vocab_for_token_id_benchmarks(models, tmp_path):
+    root, student, _ = models
+    r = export_gguf(student, tmp_path / "p.gguf", "tq2_0", vocab="placeholder")
+    f = read_gguf(r["out"])
+    tokens = f.metadata["tokenizer.ggml.tokens"]
+    assert len(tokens) == f.tensors["token_embd.weight"].shape[0] and len(set(tokens)) == len(tokens)
+    assert tokens[10] == "Ċ" and tokens[32] == "Ġ"  # the byte-level alphabet first
+    if llama_cpp_available()[0]:
+        from cpu_ref.gguf_check import llama_logits, load_llama
+
+        assert llama_logits(load_llama(r["out"], n_ctx=32, n_threads=1), [1, 2, 3]).shape == (3, len(tokens))
