@@ -1,4 +1,4 @@
-"""python -m cpu_ref {pack, generate, classify, bench, export-gguf, check-gguf}
+"""python -m cpu_ref {pack, generate, classify, bench, export-gguf, check-gguf, classify-gguf}
 
     python -m cpu_ref pack STUDENT_DIR OUT_DIR [--packing i2|tq1]     # a bitdistill student -> packed directory
     python -m cpu_ref generate OUT_DIR --prompt "text" [--max-new-tokens 32] [--check STUDENT_DIR]
@@ -7,6 +7,7 @@
     python -m cpu_ref export-gguf STUDENT_DIR out.gguf --type tq2_0|tq1_0 [--embed q8_0|f16|f32] [--strict]
     python -m cpu_ref export-gguf FP_LLAMA_DIR out.gguf --type f16|q8_0|f32       # see cpu_ref/gguf_export.py
     python -m cpu_ref check-gguf STUDENT_DIR out.gguf [--prompts "a" "b"] [--tokens 32]  # needs llama-cpp-python
+    python -m cpu_ref classify-gguf out.gguf STUDENT_DIR --config CONFIG [--limit N]      # task accuracy in llama.cpp
 """
 from __future__ import annotations
 
@@ -91,6 +92,13 @@ def main(argv=None) -> int:
     ck.add_argument("--tokens", type=int, default=32)
     ck.add_argument("--threads", type=int, default=None)
     ck.add_argument("--json", default=None, help="also write the report here")
+    cl = sub.add_parser("classify-gguf", help="accuracy of a GGUF in llama.cpp on a bitdistill config's eval split")
+    cl.add_argument("gguf")
+    cl.add_argument("tokenizer", help="directory of the student's HF tokenizer (the student directory)")
+    cl.add_argument("--config", required=True, help="bitdistill config whose task (classification) is scored")
+    cl.add_argument("--limit", type=int, default=None, help="only the first N eval rows")
+    cl.add_argument("--threads", type=int, default=None)
+    cl.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
 
     if args.cmd == "export-gguf":
@@ -114,6 +122,27 @@ def main(argv=None) -> int:
             raise SystemExit(f"check-gguf: {why} (pip install llama-cpp-python)")
         r = compare(args.student, args.gguf, tuple(args.prompts or DEFAULT_PROMPTS), args.tokens, args.threads)
         print(format_report(r))
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(r, indent=1))
+        return 0
+
+    if args.cmd == "classify-gguf":
+        import json
+
+        from bitdistill.data import TaskSpec, load_task_split
+        from bitdistill.train import load_config
+
+        from .gguf_check import classification_accuracy, llama_cpp_available
+
+        ok, why = llama_cpp_available()
+        if not ok:
+            raise SystemExit(f"classify-gguf: {why} (pip install llama-cpp-python)")
+        spec = TaskSpec(**load_config(args.config)["task"])
+        if spec.type != "classification":
+            raise SystemExit(f"classify-gguf: {args.config} has a {spec.type} task; only classification is scored")
+        rows = load_task_split(spec, "eval")[:args.limit]
+        r = classification_accuracy(args.gguf, args.tokenizer, spec, rows, args.threads)
+        print(json.dumps(r))
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(r, indent=1))
         return 0

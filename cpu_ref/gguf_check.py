@@ -105,6 +105,34 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
             "tokenization_equal": None if tokenizer is None else all(r["tokenization_equal"] for r in rows)}
 
 
+def classification_accuracy(gguf_path, tokenizer_dir, spec, rows: list[dict], n_threads: int | None = None) -> dict:
+    """Accuracy (and macro-F1) of the GGUF in llama.cpp on a classification split, scored as
+    ``bitdistill.evaluate`` scores the PyTorch student: the restricted argmax over the label words' first tokens at
+    the answer position, the prompt tokenized by the HF tokenizer (the same ids the student saw)."""
+    from transformers import AutoTokenizer
+
+    from bitdistill.data import encode_example, label_token_ids
+    from bitdistill.evaluate import macro_f1
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    candidates = label_token_ids(tokenizer, spec.label_words)
+    classes = len(spec.label_words)
+    encoded = [encode_example(tokenizer, spec, r, with_answer=False) for r in rows]
+    n_ctx = max(e["prompt_length"] for e in encoded) + 8
+    # logits_all: without it llama-cpp-python leaves `scores` unwritten (its sampler reads the logits itself)
+    llm = load_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True)
+    confusion = np.zeros((classes, classes))
+    for row, enc in zip(rows, encoded):
+        ids = list(map(int, enc["input_ids"][:enc["prompt_length"]]))
+        llm.reset()
+        llm.eval(ids)
+        answer = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)[candidates]
+        confusion[int(row["label"]), int(answer.argmax())] += 1
+    n = max(len(rows), 1)
+    return {"accuracy": 100.0 * float(np.trace(confusion)) / n, "macro_f1": macro_f1(confusion.ravel().tolist(),
+            classes), "n": len(rows)}
+
+
 def make_llama_student(out_dir, seed: int = 0, hidden_size: int = 256, intermediate_size: int = 512,
                        num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
                        vocab_size: int = 512, per_channel: bool = False, fp_dir=None, **config_kwargs) -> str:

@@ -217,3 +217,31 @@ def test_placeholder_vocab_for_token_id_benchmarks(models, tmp_path):
         from cpu_ref.gguf_check import llama_logits, load_llama
 
         assert llama_logits(load_llama(r["out"], n_ctx=32, n_threads=1), [1, 2, 3]).shape == (3, len(tokens))
+
+
+@needs_llama
+def test_llama_cpp_classification_equals_pytorch(models, tmp_path):
+    """classify-gguf scores as bitdistill.evaluate does: the f32 teacher gives the same accuracy and macro-F1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bitdistill.data import TaskSpec
+    from bitdistill.evaluate import evaluate
+    from cpu_ref.gguf_check import classification_accuracy
+
+    root, _, teacher = models
+    out = root / "teacher-cls-f32.gguf"
+    export_gguf(teacher, out, "f32")
+    spec = TaskSpec(type="classification", train_file="unused", eval_file="unused", text_column="text",
+                    label_column="label", label_words=["bad", "okay", "great"],
+                    template="Tweet: {text}\nSentiment:", max_length=64)
+    words = "the movie was great in the morning my friend said book park last week".split()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=g)),
+             "label": int(lab)}
+            for n, lab in zip(torch.randint(2, 12, (24,), generator=g), torch.randint(3, (24,), generator=g))]
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    ref = evaluate(model, AutoTokenizer.from_pretrained(teacher), spec, rows, batch_size=8)
+    got = classification_accuracy(out, teacher, spec, rows, n_threads=2)
+    assert got["n"] == ref["n"] == 24
+    assert got["accuracy"] == pytest.approx(ref["accuracy"]) and got["macro_f1"] == pytest.approx(ref["macro_f1"])
+    assert 0 < ref["accuracy"] < 100  # a constant predictor would hide a scoring bug
