@@ -274,9 +274,10 @@ def _stepwise_equal(a, b, tokens: torch.Tensor, prompt_len: int, loop: str) -> b
 
 
 def _stacked_groups(model) -> int:
-    from cpu_ref.fuse import decoder_layers, projection_groups, stacked_rows
+    from bitdistill.hf_layout import any_decoder_layers
+    from cpu_ref.fuse import projection_groups, stacked_rows
 
-    layers = decoder_layers(model)
+    layers = any_decoder_layers(model)
     return sum(stacked_rows([getattr(p, "qweight", getattr(p, "weight", None)) for p in parts]) is not None
                for layer in (layers if layers is not None else []) for parts in projection_groups(layer))
 

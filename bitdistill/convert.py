@@ -21,39 +21,13 @@ import torch.nn as nn
 
 from bitkernels import BitLinear, replace_linear
 
+# UnsupportedModelError and ATTENTION_PROJECTIONS stay importable from here (they lived here first)
+from .hf_layout import ATTENTION_PROJECTIONS, UnsupportedModelError, find_decoder_layers  # noqa: F401
+
 CONVERSION_KEY = "bitdistill"
 CONVERSION_VERSION = 1
 SUBLN_PROJECTIONS = ("o_proj", "down_proj")
 SUBLN_LAYOUTS = ("subln", "allnorm")
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-class UnsupportedModelError(ValueError):
-    """The model's module tree is not the decoder layout conversion understands."""
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The (qualified name, ModuleList) of the decoder layers: the first ModuleList whose every entry has a
-    ``self_attn`` with q/k/v/o projections and an ``mlp`` with a ``down_proj``."""
-    seen = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        seen.append(name)
-        if all(_looks_like_decoder_layer(layer) for layer in module):
-            return name, module
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: found no decoder layers to convert. Expected an nn.ModuleList of layers, each with "
-        f"`self_attn` having Linear {', '.join(ATTENTION_PROJECTIONS)} and `mlp` having Linear `down_proj` "
-        f"(Llama / Qwen2 / Qwen2.5 / Qwen3 layout). ModuleLists found: {seen or 'none'}.")
-
-
-def _looks_like_decoder_layer(layer: nn.Module) -> bool:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None:
-        return False
-    return (all(isinstance(getattr(attn, p, None), nn.Linear) for p in ATTENTION_PROJECTIONS)
-            and isinstance(getattr(mlp, "down_proj", None), nn.Linear))
 
 
 def conversion_record(model: nn.Module) -> dict | None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from bitkernels.functional import attention_relation_distill_loss, fused_linear_distill_loss
 
 from .data import IGNORE_INDEX
+from .hf_layout import decoder_layers
 
 
 @dataclass
@@ -72,12 +73,6 @@ AD_REDUCTIONS = ("sum_over_heads", "mean")
 
 
 # ------------------------------------------------------------------------------------------------ model plumbing
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from .convert import find_decoder_layers
-
-    return find_decoder_layers(model)[1]
-
 
 def default_relation_heads(teacher: nn.Module, student: nn.Module, layer: int, split) -> int:
     """The teacher's attention-head count, reduced to a divisor of every split projection width of both models."""

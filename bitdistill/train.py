@@ -17,23 +17,24 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script (accelerate launch bitdistill/train.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.nn as nn
 
 from bitdistill.convert import convert_to_bitnet, load_student
 from bitdistill.data import DataError, TaskSpec, encode_example, load_corpus_texts, load_task_split, pack_corpus
 from bitdistill.evaluate import evaluate
 from bitdistill.losses import DistillConfig, bitdistill_loss, causal_lm_loss
 from bitdistill.regional_compile import check_compile_mode, compile_decoder_layers
+from bitdistill.summary import STAGES, summary_table, write_plot
 from bitdistill.trainer import TrainArgs, train
 
-STAGES = ("sft", "bitnet-sft", "pretrain", "distill")
-SUMMARY_ROWS = (("FP-SFT", "sft"), ("BitNet-SFT", "bitnet-sft"), ("BitDistill", "distill"))
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = PACKAGE_DIR / "configs" / "tiny.yaml"
 
@@ -175,7 +176,77 @@ def _fill_tiny_paths(cfg: dict, files: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------------ stages
 
+@dataclass
+class StageSetup:
+    """What a stage trains: the model, its examples and loss, and (distill) the frozen teacher."""
+    model: nn.Module
+    examples: list
+    loss_fn: Callable
+    teacher: nn.Module | None = None
+    eager_layers: tuple[int, ...] = ()  # decoder layers that stay uncompiled
+
+
+def _converted_base(cfg: dict, ctx: dict) -> nn.Module:
+    return convert_base(ctx["base"], cfg.get("convert", {}) or {}, ctx["backend"])
+
+
+def build_sft(cfg: dict, ctx: dict) -> StageSetup:
+    return StageSetup(load_fp_model(ctx["base"]), ctx["train_examples"], causal_lm_loss)
+
+
+def build_bitnet_sft(cfg: dict, ctx: dict) -> StageSetup:
+    return StageSetup(_converted_base(cfg, ctx), ctx["train_examples"], causal_lm_loss)
+
+
+def build_pretrain(cfg: dict, ctx: dict) -> StageSetup:
+    model = _converted_base(cfg, ctx)
+    pre = cfg.get("pretrain", {}) or {}
+    corpus = pre.get("corpus", {}) or {}
+    texts = load_corpus_texts(corpus.get("file"), corpus.get("name"), corpus.get("subset"),
+                              corpus.get("split", "train"), corpus.get("text_column", "text"))
+    examples = pack_corpus(ctx["tokenizer"], texts, int(pre.get("block_size", 128)), pre.get("token_budget"))
+    ctx["accelerator"].print(f"[pretrain] {len(examples)} blocks x {pre.get('block_size', 128)} tokens")
+    return StageSetup(model, examples, causal_lm_loss)
+
+
+def build_distill(cfg: dict, ctx: dict) -> StageSetup:
+    accelerator, backend, out = ctx["accelerator"], ctx["backend"], ctx["out"]
+    dcfg = distill_config(cfg)
+    section = cfg.get("distill", {}) or {}
+    # student "convert": Stage 1 applied to the base model here, skipping Stage 2 (the no-Stage-2 ablation)
+    fresh = section.get("student") == "convert"
+    student_path = Path(ctx["base"]) if fresh else Path(section.get("student") or out / "pretrain" / "model")
+    teacher_path = Path(section.get("teacher") or out / "sft" / "model")
+    for role, path, producer in (("student", student_path, "pretrain"), ("teacher", teacher_path, "sft")):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"[distill] {role} {str(path)!r} does not exist: run the {producer!r} "
+                                    f"stage first (--stages {producer}) or set distill.{role}")
+    model = _converted_base(cfg, ctx) if fresh else load_student(student_path, backend=backend)
+    model.train()
+    teacher_dtype = getattr(torch, section.get("teacher_dtype", "bfloat16"))
+    teacher = load_fp_model(str(teacher_path), dtype=teacher_dtype).to(accelerator.device).eval()
+    teacher.requires_grad_(False)
+    vs, vt = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if vs != vt:
+        raise ValueError(f"[distill] teacher vocabulary ({vt}, {teacher_path}) differs from the student's "
+                         f"({vs}, {student_path}): both must come from the same base model and tokenizer")
+    loss_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+
+    def loss_fn(m, batch):
+        return bitdistill_loss(m, teacher, batch, dcfg, backend=backend, loss_dtype=loss_dtype)
+
+    # the distilled layer stays eager: its q/k/v are captured by hooks every step
+    eager = (dcfg.ad_layer,) if dcfg.gamma_ad else ()
+    return StageSetup(model, ctx["train_examples"], loss_fn, teacher, eager)
+
+
+STAGE_BUILDERS = {"sft": build_sft, "bitnet-sft": build_bitnet_sft, "pretrain": build_pretrain,
+                  "distill": build_distill}
+assert tuple(STAGE_BUILDERS) == STAGES, "a builder for every stage, in the pipeline's order"
+
+
 def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
+    """Build the stage's model, train it, save it and (except pretrain) evaluate it; ``result.json`` marks it done."""
     accelerator, tokenizer, out, resume = ctx["accelerator"], ctx["tokenizer"], ctx["out"], ctx["resume"]
     stage_dir = out / stage
     result_file = stage_dir / "result.json"
@@ -187,59 +258,14 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
         result_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     args = stage_train_args(cfg, stage)
-    backend = ctx["backend"]
-    conv = cfg.get("convert", {}) or {}
     spec, seed = ctx["spec"], int(cfg.get("seed", 0))
-    teacher = None
-
-    if stage == "sft":
-        model = load_fp_model(ctx["base"])
-        examples, loss_fn = ctx["train_examples"], causal_lm_loss
-    elif stage in ("bitnet-sft", "pretrain"):
-        model = convert_base(ctx["base"], conv, backend)
-        loss_fn = causal_lm_loss
-        if stage == "bitnet-sft":
-            examples = ctx["train_examples"]
-        else:
-            pre = cfg.get("pretrain", {}) or {}
-            corpus = pre.get("corpus", {}) or {}
-            texts = load_corpus_texts(corpus.get("file"), corpus.get("name"), corpus.get("subset"),
-                                      corpus.get("split", "train"), corpus.get("text_column", "text"))
-            examples = pack_corpus(tokenizer, texts, int(pre.get("block_size", 128)), pre.get("token_budget"))
-            accelerator.print(f"[pretrain] {len(examples)} blocks x {pre.get('block_size', 128)} tokens")
-    elif stage == "distill":
-        dcfg = distill_config(cfg)
-        section = cfg.get("distill", {}) or {}
-        # student "convert": Stage 1 applied to the base model here, skipping Stage 2 (the no-Stage-2 ablation)
-        fresh = section.get("student") == "convert"
-        student_path = Path(ctx["base"]) if fresh else Path(section.get("student") or out / "pretrain" / "model")
-        teacher_path = Path(section.get("teacher") or out / "sft" / "model")
-        for role, path, producer in (("student", student_path, "pretrain"), ("teacher", teacher_path, "sft")):
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"[distill] {role} {str(path)!r} does not exist: run the {producer!r} "
-                                        f"stage first (--stages {producer}) or set distill.{role}")
-        model = convert_base(ctx["base"], conv, backend) if fresh else load_student(student_path, backend=backend)
-        model.train()
-        teacher_dtype = getattr(torch, section.get("teacher_dtype", "bfloat16"))
-        teacher = load_fp_model(str(teacher_path), dtype=teacher_dtype).to(accelerator.device).eval()
-        teacher.requires_grad_(False)
-        vs, vt = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-        if vs != vt:
-            raise ValueError(f"[distill] teacher vocabulary ({vt}, {teacher_path}) differs from the student's "
-                             f"({vs}, {student_path}): both must come from the same base model and tokenizer")
-        loss_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-        examples = ctx["train_examples"]
-
-        def loss_fn(m, batch):
-            return bitdistill_loss(m, teacher, batch, dcfg, backend=backend, loss_dtype=loss_dtype)
-    else:
+    if stage not in STAGE_BUILDERS:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
-
-    # the distilled layer stays eager: its q/k/v are captured by hooks every step
-    skip = (dcfg.ad_layer,) if stage == "distill" and dcfg.gamma_ad else ()
+    setup = STAGE_BUILDERS[stage](cfg, ctx)
+    model, examples, loss_fn, teacher = setup.model, setup.examples, setup.loss_fn, setup.teacher
     for m in (model, teacher):
         if m is not None:
-            compile_decoder_layers(m, args.compile, skip)
+            compile_decoder_layers(m, args.compile, setup.eager_layers)
     t0 = time.perf_counter()
     run = train(accelerator, model, examples, loss_fn, args, stage_dir, stage, tokenizer.pad_token_id, seed, resume)
     seconds = time.perf_counter() - t0
@@ -263,54 +289,6 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
     accelerator.wait_for_everyone()
     del model, teacher
     return result
-
-
-# ------------------------------------------------------------------------------------------------------ summary
-
-def summary_table(results: dict, task_type: str) -> str:
-    keys = ["accuracy"] if task_type == "classification" else ["rouge1", "rouge2", "rougeL"]
-    lines = [f"{'model':<12}" + "".join(f"{k:>10}" for k in keys) + f"{'steps':>8}{'tok/s':>10}"]
-    for label, stage in SUMMARY_ROWS:
-        r = results.get(stage)
-        if not r or "metrics" not in r:
-            continue
-        tps = r["tokens"] / r["seconds"] if r.get("seconds") else float("nan")
-        lines.append(f"{label:<12}" + "".join(f"{r['metrics'][k]:>10.2f}" for k in keys)
-                     + f"{r['steps']:>8}{tps:>10.0f}")
-    return "\n".join(lines)
-
-
-def write_plot(results: dict, out: Path, task_type: str) -> Path | None:
-    """Loss curves of every stage run here and the task metric per model, in ``out/summary.png``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    stages = [s for s in STAGES if (out / s / "history.json").is_file()]
-    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 3.2), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        history = json.loads((out / stage / "history.json").read_text())
-        steps = [h["step"] for h in history]
-        for key in ("loss", "ce", "ld", "ad"):
-            if key in history[0] and (key == "loss" or stage == "distill"):
-                ax.plot(steps, [h[key] for h in history], label=key)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    metric = "accuracy" if task_type == "classification" else "rougeL"
-    rows = [(label, results[s]["metrics"][metric]) for label, s in SUMMARY_ROWS if "metrics" in results.get(s, {})]
-    axes[0][-1].bar([r[0] for r in rows], [r[1] for r in rows], color=["tab:gray", "tab:orange", "tab:blue"][:len(rows)])
-    axes[0][-1].set_title(metric)
-    fig.tight_layout()
-    path = out / "summary.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------ main

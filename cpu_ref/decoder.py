@@ -29,14 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitdistill.hf_layout import UnsupportedModelError, any_decoder_layers
+
 from . import _build
-from .fuse import FusedProduct, decoder_layers
+from .fuse import FusedProduct
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def _is_rmsnorm(m) -> bool:
@@ -60,7 +58,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
             return f"the base model has no {attr}"
     if not _is_rmsnorm(base.norm) or model.get_output_embeddings() is None:
         return "no RMSNorm final norm or no lm_head"
-    if decoder_layers(model) is not base.layers:
+    if any_decoder_layers(model) is not base.layers:
         return "decoder layers not found"
     head_dim = getattr(base.layers[0].self_attn, "head_dim", None)
     with torch.no_grad():  # RoPE over the whole head (no partial rotary factor)

@@ -16,18 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitdistill.hf_layout import any_decoder_layers
+
 from .model import PackedBitLinear
 from .ops import PreparedBitLinear
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The first ModuleList whose entries all have ``self_attn`` and ``mlp`` (Llama / Qwen layout), or None."""
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(l, "self_attn") and hasattr(l, "mlp") for l in m):
-            return m
-    return None
+decoder_layers = any_decoder_layers  # the name cpu_ref used before the layout helpers were shared
 
 
 def projection_groups(layer: nn.Module) -> list[list[nn.Module]]:
@@ -82,7 +77,7 @@ def fuse_projections(model: nn.Module) -> int:
     """In place: stack the q/k/v and the gate/up weights of every decoder layer into one buffer each (the parts'
     weights become row views; no extra memory). Applies to PackedBitLinear parts without SubLN and to plain
     nn.Linear parts; others are left alone. Idempotent. Returns how many groups are stacked."""
-    layers = decoder_layers(model)
+    layers = any_decoder_layers(model)
     count = 0
     for layer in layers if layers is not None else []:
         for parts in projection_groups(layer):
