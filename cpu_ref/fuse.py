@@ -22,7 +22,6 @@ from .model import PackedBitLinear
 from .ops import PreparedBitLinear
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-decoder_layers = any_decoder_layers  # the name cpu_ref used before the layout helpers were shared
 
 
 def projection_groups(layer: nn.Module) -> list[list[nn.Module]]:
