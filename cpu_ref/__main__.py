@@ -37,6 +37,14 @@ def _prompt_ids(args):
     return _tokenizer(args.model).encode(args.prompt, return_tensors="pt")
 
 
+def _require_llama_cpp(cmd: str) -> None:
+    from .gguf_check import llama_cpp_available
+
+    ok, why = llama_cpp_available()
+    if not ok:
+        raise SystemExit(f"{cmd}: {why} (pip install llama-cpp-python)")
+
+
 def _bench(argv) -> int:
     """The benchmark lives in the repository's bench/ (it is no part of the package)."""
     import importlib.util
@@ -115,11 +123,9 @@ def main(argv=None) -> int:
     if args.cmd == "check-gguf":
         import json
 
-        from .gguf_check import DEFAULT_PROMPTS, compare, format_report, llama_cpp_available
+        from .gguf_check import DEFAULT_PROMPTS, compare, format_report
 
-        ok, why = llama_cpp_available()
-        if not ok:
-            raise SystemExit(f"check-gguf: {why} (pip install llama-cpp-python)")
+        _require_llama_cpp(args.cmd)
         r = compare(args.student, args.gguf, tuple(args.prompts or DEFAULT_PROMPTS), args.tokens, args.threads)
         print(format_report(r))
         if args.json:
@@ -129,18 +135,21 @@ def main(argv=None) -> int:
     if args.cmd == "classify-gguf":
         import json
 
-        from bitdistill.data import TaskSpec, load_task_split
+        from bitdistill.data import DataError, TaskSpec, load_task_split
         from bitdistill.train import load_config
 
-        from .gguf_check import classification_accuracy, llama_cpp_available
+        from .gguf_check import classification_accuracy
 
-        ok, why = llama_cpp_available()
-        if not ok:
-            raise SystemExit(f"classify-gguf: {why} (pip install llama-cpp-python)")
-        spec = TaskSpec(**load_config(args.config)["task"])
-        if spec.type != "classification":
-            raise SystemExit(f"classify-gguf: {args.config} has a {spec.type} task; only classification is scored")
-        rows = load_task_split(spec, "eval")[:args.limit]
+        _require_llama_cpp(args.cmd)
+        if not pathlib.Path(args.gguf).is_file():
+            raise SystemExit(f"classify-gguf: {args.gguf} does not exist (write it with export-gguf)")
+        try:
+            spec = TaskSpec(**load_config(args.config)["task"])
+            if spec.type != "classification":
+                raise SystemExit(f"classify-gguf: {args.config} has a {spec.type} task; only classification is scored")
+            rows = load_task_split(spec, "eval")[:args.limit]
+        except (FileNotFoundError, DataError, ValueError) as exc:
+            raise SystemExit(f"classify-gguf: {exc}") from exc
         r = classification_accuracy(args.gguf, args.tokenizer, spec, rows, args.threads)
         print(json.dumps(r))
         if args.json:

@@ -245,3 +245,15 @@ def test_llama_cpp_classification_equals_pytorch(models, tmp_path):
     assert got["n"] == ref["n"] == 24
     assert got["accuracy"] == pytest.approx(ref["accuracy"]) and got["macro_f1"] == pytest.approx(ref["macro_f1"])
     assert 0 < ref["accuracy"] < 100  # a constant predictor would hide a scoring bug
+
+
+@needs_llama
+def test_classify_gguf_bad_input_is_a_clear_error(models, tmp_path):
+    from cpu_ref.__main__ import main
+
+    root, student, _ = models
+    with pytest.raises(SystemExit, match="does not exist .write it with export-gguf"):
+        main(["classify-gguf", str(tmp_path / "none.gguf"), student, "--config", "bitdistill/configs/tiny.yaml"])
+    (tmp_path / "x.gguf").write_bytes(b"")
+    with pytest.raises(SystemExit, match="classify-gguf: config file 'nope.yaml' does not exist"):
+        main(["classify-gguf", str(tmp_path / "x.gguf"), student, "--config", "nope.yaml"])
