@@ -272,6 +272,9 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
     model = run["model"]
     result = {"stage": stage, "steps": run["steps"], "seconds": seconds,
               "tokens": sum(r.get("tokens", 0) for r in run["history"]), "final": run["history"][-1]}
+    step_seconds = sorted(r["seconds"] for r in run["history"] if "seconds" in r)
+    if step_seconds:  # the median step: the loop's time without its first steps' compiles and the checkpoints
+        result["median_step_seconds"] = step_seconds[len(step_seconds) // 2]
     if run["stopped_early"]:
         accelerator.print(f"[{stage}] stopped after step {run['steps']} (stop_after_steps); rerun with --resume")
         result["stopped_early"] = True

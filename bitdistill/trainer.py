@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from time import perf_counter  # step timing; `time.time` alone is the deadline clock (tests replace it)
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,36 +142,47 @@ def train(accelerator, model, examples: list[dict], loss_fn: Callable, args: Tra
     bar = tqdm(total=steps, initial=start, desc=stage, disable=not accelerator.is_local_main_process)
     model.train()
     for step in range(start, stop_at):
-        sums: dict[str, float] = {}
+        t_step = perf_counter()
+        # The step's scalars stay on the device until one read at its end: a read mid-step (.item(), float())
+        # makes the host wait for the GPU, which then idles while the host issues the rest of the step.
+        sums: dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), device=accelerator.device)
+        tokens = 0.0
         for micro in range(args.grad_accum):
             idx = batch_indices(len(examples), seed, step, micro, rank, args, world)
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id,
-                                                                  pad_to_multiple_of=args.pad_to_multiple_of).items()}
-            sums["tokens"] = sums.get("tokens", 0.0) + float(batch["attention_mask"].sum())
+            cpu_batch = collate([examples[i] for i in idx], pad_id, pad_to_multiple_of=args.pad_to_multiple_of)
+            tokens += float(cpu_batch["attention_mask"].sum())
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
             sync = accelerator.no_sync(model) if micro < args.grad_accum - 1 else nullcontext()
             mark_step_begin(args.compile)
             with sync, accelerator.autocast():
                 parts = loss_fn(model, batch)
                 loss = parts["loss"]
-                bad = (~torch.isfinite(loss.detach())).float()   # accelerate's reduce knows sum/mean/max only
-                if accelerator.reduce(bad, "max").item() > 0:
-                    raise NonFiniteLossError(
-                        f"[{stage}] loss is {loss.item()} at step {step + 1} (micro-step {micro}): training "
-                        f"stopped. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}. Lower the "
-                        f"learning rate or check the data, then rerun with --resume.")
+                bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 accelerator.backward(loss / args.grad_accum)
             checkpoint.fault_point(f"step:{step + 1}")
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / args.grad_accum
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+        # Before the optimizer step: a non-finite loss (on any rank; accelerate's reduce knows sum/mean/max only)
+        # must not reach the weights.
+        if accelerator.reduce(bad, "max").item() > 0:
+            raise NonFiniteLossError(
+                f"[{stage}] loss is {float(sums['loss'])} at step {step + 1} (before its optimizer step): training "
+                f"stopped. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}. Lower the learning rate "
+                f"or check the data, then rerun with --resume.")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device),
-                                        "sum" if k == "tokens" else "mean").item() for k, v in sums.items()}
+        names = list(sums)
+        norm = [] if grad_norm is None else [torch.as_tensor(grad_norm, dtype=torch.float32, device=accelerator.device)]
+        values = accelerator.reduce(torch.stack([sums[k] for k in names] + norm), "mean").tolist()
+        record = dict(zip(names, values[:len(names)]))
+        record["tokens"] = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item()
         record.update(step=step + 1, lr=scheduler.get_last_lr()[0])
         if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+            record["grad_norm"] = values[-1]  # clipping all-reduced the gradients: every rank's norm is the same
+        record["seconds"] = perf_counter() - t_step
         history.append(record)
         done = step + 1
         if done < stop_at and past_deadline(accelerator, args.deadline):
