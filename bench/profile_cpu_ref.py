@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         model = load_packed(tmp, n_threads=args.threads, head_dtype=torch.bfloat16)
     decoder = LeanDecoder(model, 64 + 8 + args.tokens, direct=not args.modules)
     if not decoder.fast:
-        raise SystemExit("the one-token C path is not available here (needs the AVX-512 build): nothing to profile")
+        raise SystemExit("the one-token C path is not available here (needs an AVX-512 or AVX2 build): nothing to profile")
     plain = ms_per_token(decoder, args.tokens)
 
     spent, calls = collections.defaultdict(float), collections.defaultdict(int)

@@ -9,7 +9,7 @@ whatever their size, three q/k/v and two gate/up products). This loop does the s
 - KV cache: one [1, kv_heads, max_len, head_dim] buffer per layer and kind, written in place.
 - One token (decode): the non-linear work runs as 4 C calls a layer (``layer_ops`` / layer.cpp: residual add +
   RMSNorm, q/k norm + RoPE + cache write + attention, SwiGLU) in the model's activation dtype with HF's rounding
-  points; equal to the HF forward up to float32 summation order. Needs the AVX-512 build and sizes that are
+  points; equal to the HF forward up to float32 summation order. Needs the AVX-512 or AVX2 build and sizes that are
   multiples of 16 (head_dim of 32); otherwise, and for a prompt (several tokens), the torch path below.
 - Several tokens (prefill): torch ops in HF's own op sequence (RMSNorm, RoPE, SwiGLU; q_norm / k_norm and RoPE of
   q and k once on the adjacent q|k columns) and ``F.scaled_dot_product_attention`` (GQA via ``enable_gqa``),

@@ -10,8 +10,10 @@
 // rounding, not bit for bit. Attention uses float32 probabilities throughout (torch's CPU flash kernel rounds them
 // to bf16 for a bf16 model); exp is a degree-7 polynomial after Cody-Waite range reduction (about 1 ulp).
 //
-// Vectorized for AVX-512 (16 lanes) only; ``tk_layer_vectorized`` tells the loader, which otherwise keeps torch ops.
-// Sizes must be multiples of 16 (head_dim of 32): the loader checks.
+// Vectors of 16 float32 lanes: one AVX-512 register, or two AVX2 registers (so both builds share one code and one
+// size rule); ``tk_layer_vectorized`` tells the loader, which keeps torch ops on a build with neither. Sizes must be
+// multiples of 16 (head_dim of 32): the loader checks. The two builds differ only in the order of their horizontal
+// sums, i.e. to float32 rounding.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,12 +22,18 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define TL_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TL_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(TL_AVX512) || defined(TL_AVX2)
+#define TL_VECTOR 1
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 extern "C" int tk_layer_vectorized() {
-#if defined(TL_AVX512)
+#if defined(TL_VECTOR)
     return 1;
 #else
     return 0;
@@ -34,6 +42,26 @@ extern "C" int tk_layer_vectorized() {
 
 #if defined(TL_AVX512)
 typedef __m512 V;
+static inline V v_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float* p, V v) { _mm512_storeu_ps(p, v); }
+static inline V v_set1(float f) { return _mm512_set1_ps(f); }
+static inline V v_zero() { return _mm512_setzero_ps(); }
+static inline V v_add(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V v_sub(V a, V b) { return _mm512_sub_ps(a, b); }
+static inline V v_mul(V a, V b) { return _mm512_mul_ps(a, b); }
+static inline V v_div(V a, V b) { return _mm512_div_ps(a, b); }
+static inline V v_min(V a, V b) { return _mm512_min_ps(a, b); }
+static inline V v_max(V a, V b) { return _mm512_max_ps(a, b); }
+static inline V v_fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c
+static inline V v_fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+static inline V v_round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline V v_scalef(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
+static inline float v_sum(V a) { return _mm512_reduce_add_ps(a); }
+// The first `count` lanes (count < 16) of p, zeros after; store / keep only those lanes.
+static inline __mmask16 first(int64_t count) { return (__mmask16)((1u << count) - 1); }
+static inline V v_load_first(int64_t count, const float* p) { return _mm512_maskz_loadu_ps(first(count), p); }
+static inline void v_store_first(int64_t count, float* p, V v) { _mm512_mask_storeu_ps(p, first(count), v); }
+static inline V v_keep_first(int64_t count, V v) { return _mm512_maskz_mov_ps(first(count), v); }
 
 template <int DT> static inline V ld(const void* p, int64_t i) {
     if (DT == DT_F32) return _mm512_loadu_ps((const float*)p + i);
@@ -67,38 +95,129 @@ template <int DT> static inline void st(void* p, int64_t i, V v) {
                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 }
+#elif defined(TL_AVX2)
+struct V { __m256 l, h; };  // lanes 0-7, 8-15
+static inline V v_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline void v_store(float* p, V v) { _mm256_storeu_ps(p, v.l); _mm256_storeu_ps(p + 8, v.h); }
+static inline V v_set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+static inline V v_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline V v_add(V a, V b) { return {_mm256_add_ps(a.l, b.l), _mm256_add_ps(a.h, b.h)}; }
+static inline V v_sub(V a, V b) { return {_mm256_sub_ps(a.l, b.l), _mm256_sub_ps(a.h, b.h)}; }
+static inline V v_mul(V a, V b) { return {_mm256_mul_ps(a.l, b.l), _mm256_mul_ps(a.h, b.h)}; }
+static inline V v_div(V a, V b) { return {_mm256_div_ps(a.l, b.l), _mm256_div_ps(a.h, b.h)}; }
+static inline V v_min(V a, V b) { return {_mm256_min_ps(a.l, b.l), _mm256_min_ps(a.h, b.h)}; }
+static inline V v_max(V a, V b) { return {_mm256_max_ps(a.l, b.l), _mm256_max_ps(a.h, b.h)}; }
+static inline V v_fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.l, b.l, c.l), _mm256_fmadd_ps(a.h, b.h, c.h)}; }
+static inline V v_fnmadd(V a, V b, V c) {
+    return {_mm256_fnmadd_ps(a.l, b.l, c.l), _mm256_fnmadd_ps(a.h, b.h, c.h)};
+}
+static inline V v_round(V a) {
+    return {_mm256_round_ps(a.l, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+            _mm256_round_ps(a.h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+// p * 2^n for integral n in [-126, 128] (exp16's range): two exact powers of two, each in [-63, 64], so neither
+// leaves the normal range where one 2^n would (2^128); the product rounds once, as scalef does.
+static inline __m256 scalef8(__m256 p, __m256 n) {
+    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+    const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+static inline V v_scalef(V p, V n) { return {scalef8(p.l, n.l), scalef8(p.h, n.h)}; }
+static inline float v_sum(V a) {
+    const __m256 s = _mm256_add_ps(a.l, a.h);
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+}
+static inline __m256i first8(int64_t count, int offset) {  // lane i: all ones where offset + i < count
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count),
+                              _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(offset)));
+}
+static inline V v_load_first(int64_t count, const float* p) {
+    return {_mm256_maskload_ps(p, first8(count, 0)), _mm256_maskload_ps(p + 8, first8(count, 8))};
+}
+static inline void v_store_first(int64_t count, float* p, V v) {
+    _mm256_maskstore_ps(p, first8(count, 0), v.l);
+    _mm256_maskstore_ps(p + 8, first8(count, 8), v.h);
+}
+static inline V v_keep_first(int64_t count, V v) {
+    return {_mm256_and_ps(v.l, _mm256_castsi256_ps(first8(count, 0))),
+            _mm256_and_ps(v.h, _mm256_castsi256_ps(first8(count, 8)))};
+}
 
+static inline __m256 widen_bf16(__m128i u) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(u), 16));
+}
+template <int DT> static inline V ld(const void* p, int64_t i) {
+    if (DT == DT_F32) return v_load((const float*)p + i);
+    const __m128i* q = (const __m128i*)((const uint16_t*)p + i);
+    if (DT == DT_BF16) return {widen_bf16(_mm_loadu_si128(q)), widen_bf16(_mm_loadu_si128(q + 1))};
+    return {_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q + 1))};
+}
+
+static inline __m256 round_bf16(__m256 v) {  // to nearest even, as the AVX-512 build
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+static inline __m256 round_f16(__m256 v) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <int DT> static inline V rt(V v) {
+    if (DT == DT_F32) return v;
+    if (DT == DT_BF16) return {round_bf16(v.l), round_bf16(v.h)};
+    return {round_f16(v.l), round_f16(v.h)};
+}
+
+template <int DT> static inline void st(void* p, int64_t i, V v) {
+    if (DT == DT_F32) {
+        v_store((float*)p + i, v);
+    } else if (DT == DT_BF16) {  // packus interleaves 128-bit lanes: the permute puts lanes 0-15 back in order
+        const __m256i hi = _mm256_packus_epi32(_mm256_srli_epi32(_mm256_castps_si256(v.l), 16),
+                                               _mm256_srli_epi32(_mm256_castps_si256(v.h), 16));
+        _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm256_permute4x64_epi64(hi, _MM_SHUFFLE(3, 1, 2, 0)));
+    } else {
+        __m128i* q = (__m128i*)((uint16_t*)p + i);
+        _mm_storeu_si128(q, _mm256_cvtps_ph(v.l, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128(q + 1, _mm256_cvtps_ph(v.h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+#endif
+
+#if defined(TL_VECTOR)
 static inline V exp16(V x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    V p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    x = v_min(v_max(x, v_set1(-87.3f)), v_set1(88.7f));
+    const V n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    V r = v_fnmadd(n, v_set1(0.693359375f), x);  // ln 2 in two parts (Cody-Waite)
+    r = v_fnmadd(n, v_set1(-2.12194440e-4f), r);
+    V p = v_set1(1.0f / 5040.0f);
+    p = v_fmadd(p, r, v_set1(1.0f / 720.0f));
+    p = v_fmadd(p, r, v_set1(1.0f / 120.0f));
+    p = v_fmadd(p, r, v_set1(1.0f / 24.0f));
+    p = v_fmadd(p, r, v_set1(1.0f / 6.0f));
+    p = v_fmadd(p, r, v_set1(0.5f));
+    p = v_fmadd(p, r, v_set1(1.0f));
+    p = v_fmadd(p, r, v_set1(1.0f));
+    return v_scalef(p, n);
 }
 
 // 1 / sqrt(mean of squares + eps) of n values (n % 16 == 0), as torch's rsqrt(x.pow(2).mean(-1) + eps).
 template <int DT> static inline float inv_rms(const void* x, int64_t n, float eps) {
-    V a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    V a0 = v_zero(), a1 = v_zero();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         const V v0 = ld<DT>(x, i), v1 = ld<DT>(x, i + 16);
-        a0 = _mm512_fmadd_ps(v0, v0, a0);
-        a1 = _mm512_fmadd_ps(v1, v1, a1);
+        a0 = v_fmadd(v0, v0, a0);
+        a1 = v_fmadd(v1, v1, a1);
     }
     for (; i < n; i += 16) {
         const V v = ld<DT>(x, i);
-        a0 = _mm512_fmadd_ps(v, v, a0);
+        a0 = v_fmadd(v, v, a0);
     }
-    const float ms = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / (float)n;
+    const float ms = v_sum(v_add(a0, a1)) / (float)n;
     return 1.0f / std::sqrt(ms + eps);
 }
 
@@ -107,24 +226,24 @@ template <int DT> static inline float inv_rms(const void* x, int64_t n, float ep
 template <int DT>
 static void add_rmsnorm(void* h, const void* delta, const void* w, float eps, int64_t n, void* out) {
     if (delta)
-        for (int64_t i = 0; i < n; i += 16) st<DT>(h, i, rt<DT>(_mm512_add_ps(ld<DT>(h, i), ld<DT>(delta, i))));
-    const V r = _mm512_set1_ps(inv_rms<DT>(h, n, eps));
+        for (int64_t i = 0; i < n; i += 16) st<DT>(h, i, rt<DT>(v_add(ld<DT>(h, i), ld<DT>(delta, i))));
+    const V r = v_set1(inv_rms<DT>(h, n, eps));
     for (int64_t i = 0; i < n; i += 16)
-        st<DT>(out, i, rt<DT>(_mm512_mul_ps(ld<DT>(w, i), rt<DT>(_mm512_mul_ps(ld<DT>(h, i), r)))));
+        st<DT>(out, i, rt<DT>(v_mul(ld<DT>(w, i), rt<DT>(v_mul(ld<DT>(h, i), r)))));
 }
 
 // --------------------------------------------------------------------------------------------------- SwiGLU
 // out = DT(DT(silu(gate)) * up) over n values, silu(x) = x / (1 + exp(-x)) as torch computes it.
 template <int DT>
 static void swiglu(const void* gate, const void* up, int64_t n, void* out) {
-    const V one = _mm512_set1_ps(1.0f);
+    const V one = v_set1(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
         const V g = ld<DT>(gate, i);
-        const V s = rt<DT>(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-        st<DT>(out, i, rt<DT>(_mm512_mul_ps(s, ld<DT>(up, i))));
+        const V s = rt<DT>(v_div(g, v_add(one, exp16(v_sub(v_zero(), g)))));
+        st<DT>(out, i, rt<DT>(v_mul(s, ld<DT>(up, i))));
     }
 }
-#endif  // TL_AVX512
+#endif  // TL_VECTOR
 
 // ------------------------------------------------------------------------------------------------ attention
 // One layer's constants, filled once from Python (ctypes Structure cpu_ref.decoder._AttnDesc, same layout).
@@ -140,7 +259,7 @@ struct TkAttn {
 
 extern "C" int64_t tk_attn_desc_size() { return (int64_t)sizeof(TkAttn); }
 
-#if defined(TL_AVX512)
+#if defined(TL_VECTOR)
 // x (d values, DT) -> q/k norm (if w) -> RoPE at this position -> dst (DT). HF's op order and rounding points:
 // x = w * DT(x * r); out = DT(DT(x * cos) + DT(rotate_half(x) * sin)), rotate_half(x) = [-x2, x1].
 template <int DT>
@@ -148,18 +267,18 @@ static void norm_rope(const void* x, const void* w, float eps, const void* cos, 
                       float* tmp) {
     const int half = d / 2;
     if (w) {
-        const V r = _mm512_set1_ps(inv_rms<DT>(x, d, eps));
+        const V r = v_set1(inv_rms<DT>(x, d, eps));
         for (int i = 0; i < d; i += 16)
-            _mm512_storeu_ps(tmp + i, rt<DT>(_mm512_mul_ps(ld<DT>(w, i), rt<DT>(_mm512_mul_ps(ld<DT>(x, i), r)))));
+            v_store(tmp + i, rt<DT>(v_mul(ld<DT>(w, i), rt<DT>(v_mul(ld<DT>(x, i), r)))));
     } else {
-        for (int i = 0; i < d; i += 16) _mm512_storeu_ps(tmp + i, ld<DT>(x, i));
+        for (int i = 0; i < d; i += 16) v_store(tmp + i, ld<DT>(x, i));
     }
     for (int i = 0; i < half; i += 16) {
-        const V x1 = _mm512_loadu_ps(tmp + i), x2 = _mm512_loadu_ps(tmp + half + i);
+        const V x1 = v_load(tmp + i), x2 = v_load(tmp + half + i);
         const V c1 = ld<DT>(cos, i), c2 = ld<DT>(cos, half + i), s1 = ld<DT>(sin, i), s2 = ld<DT>(sin, half + i);
-        const V o1 = rt<DT>(_mm512_add_ps(rt<DT>(_mm512_mul_ps(x1, c1)),
-                                          rt<DT>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), s1))));
-        const V o2 = rt<DT>(_mm512_add_ps(rt<DT>(_mm512_mul_ps(x2, c2)), rt<DT>(_mm512_mul_ps(x1, s2))));
+        const V o1 = rt<DT>(v_add(rt<DT>(v_mul(x1, c1)),
+                                          rt<DT>(v_mul(v_sub(v_zero(), x2), s1))));
+        const V o2 = rt<DT>(v_add(rt<DT>(v_mul(x2, c2)), rt<DT>(v_mul(x1, s2))));
         st<DT>(dst, i, o1);
         st<DT>(dst, half + i, o2);
     }
@@ -172,36 +291,35 @@ static void attend(const float* q, const void* kh, const void* vh, int64_t n, in
     if ((int64_t)s.size() < n) s.resize(n);
     const int nv = d / 16;
     V qv[16];  // head_dim <= 256
-    for (int c = 0; c < nv; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int c = 0; c < nv; c++) qv[c] = v_load(q + 16 * c);
     float m = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
-        V a = _mm512_setzero_ps();
-        for (int c = 0; c < nv; c++) a = _mm512_fmadd_ps(qv[c], ld<DT>(kh, j * d + 16 * c), a);
-        s[j] = _mm512_reduce_add_ps(a) * scale;
+        V a = v_zero();
+        for (int c = 0; c < nv; c++) a = v_fmadd(qv[c], ld<DT>(kh, j * d + 16 * c), a);
+        s[j] = v_sum(a) * scale;
         m = s[j] > m ? s[j] : m;
     }
     int64_t j = 0;
-    V sum = _mm512_setzero_ps();
-    const V vm = _mm512_set1_ps(m);
+    V sum = v_zero();
+    const V vm = v_set1(m);
     for (; j + 16 <= n; j += 16) {
-        const V p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s.data() + j), vm));
-        _mm512_storeu_ps(s.data() + j, p);
-        sum = _mm512_add_ps(sum, p);
+        const V p = exp16(v_sub(v_load(s.data() + j), vm));
+        v_store(s.data() + j, p);
+        sum = v_add(sum, p);
     }
     if (j < n) {
-        const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
-        const V p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s.data() + j), vm));
-        _mm512_mask_storeu_ps(s.data() + j, k, p);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, p));
+        const V p = exp16(v_sub(v_load_first(n - j, s.data() + j), vm));
+        v_store_first(n - j, s.data() + j, p);
+        sum = v_add(sum, v_keep_first(n - j, p));
     }
     V acc[16];
-    for (int c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
+    for (int c = 0; c < nv; c++) acc[c] = v_zero();
     for (j = 0; j < n; j++) {
-        const V p = _mm512_set1_ps(s[j]);
-        for (int c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(p, ld<DT>(vh, j * d + 16 * c), acc[c]);
+        const V p = v_set1(s[j]);
+        for (int c = 0; c < nv; c++) acc[c] = v_fmadd(p, ld<DT>(vh, j * d + 16 * c), acc[c]);
     }
-    const V inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int c = 0; c < nv; c++) st<DT>(out, 16 * c, rt<DT>(_mm512_mul_ps(acc[c], inv)));
+    const V inv = v_set1(1.0f / v_sum(sum));
+    for (int c = 0; c < nv; c++) st<DT>(out, 16 * c, rt<DT>(v_mul(acc[c], inv)));
 }
 
 template <int DT> static inline size_t esize() { return DT == DT_F32 ? 4 : 2; }
@@ -235,16 +353,16 @@ static void attn_decode(const TkAttn* a, const void* qp, const void* kp, const v
             const int g = h / rep;  // GQA: query head h reads kv head h / rep
             alignas(64) char qbuf[256 * 4];
             norm_rope<DT>(q + (size_t)h * d * es, a->q_norm_w, a->norm_eps, cos, sin, d, qbuf, qf.data());
-            for (int i = 0; i < d; i += 16) _mm512_storeu_ps(qf.data() + i, ld<DT>(qbuf, i));
+            for (int i = 0; i < d; i += 16) v_store(qf.data() + i, ld<DT>(qbuf, i));
             attend<DT>(qf.data(), kc + g * head_stride, vc + g * head_stride, n, d, a->scale,
                        (char*)out + (size_t)h * d * es, s);
         }
     }
 }
-#endif  // TL_AVX512
+#endif  // TL_VECTOR
 
 // ------------------------------------------------------------------------------------------------ entry points
-#if defined(TL_AVX512)
+#if defined(TL_VECTOR)
 #define TL_DISPATCH(dtype, CALL) \
     switch (dtype) { case DT_F32: { constexpr int DT = DT_F32; CALL; } break; \
                      case DT_BF16: { constexpr int DT = DT_BF16; CALL; } break; \

@@ -21,7 +21,7 @@ class AttnDesc(ctypes.Structure):
 
 
 def available() -> bool:
-    """The library has the vectorized (AVX-512) layer ops; elsewhere the decode loop keeps torch ops."""
+    """The library has the vectorized (AVX-512 or AVX2) layer ops; elsewhere the decode loop keeps torch ops."""
     return bool(_build.load().tk_layer_vectorized())
 
 
@@ -36,7 +36,7 @@ def _dtype(t: torch.Tensor) -> int:
     if t.dtype not in DTYPES:
         raise ValueError(f"layer ops take float32, bfloat16 or float16 activations, got {t.dtype}")
     if not available():
-        raise RuntimeError("the layer ops need an AVX-512 build of the kernel (see cpu_ref/layer.cpp)")
+        raise RuntimeError("the layer ops need an AVX-512 or AVX2 build of the kernel (see cpu_ref/layer.cpp)")
     return DTYPES[t.dtype]
 
 

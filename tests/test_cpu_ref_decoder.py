@@ -14,7 +14,7 @@ FAST = dict(TINY, intermediate_size=192, head_dim=32)  # sizes the C layer ops t
 
 
 def _vectorized() -> bool:
-    """The C layer ops are there (AVX-512 build): the decoder's fast / direct paths run; else it keeps torch ops."""
+    """The C layer ops are there (AVX-512 or AVX2 build): the decoder's fast / direct paths run; else it keeps torch ops."""
     from cpu_ref import layer_ops
 
     return layer_ops.available()
@@ -59,7 +59,7 @@ def test_lean_loop_matches_hf_forward_fp32(arch, fast):
     got = greedy_generate(model, prompt, 20, loop="lean")
     assert got["loop"] == "lean" and torch.equal(got["tokens"], ref["tokens"])
     decoder = LeanDecoder(model, 40, fast=fast)
-    assert decoder.fast == (fast and _vectorized())  # the C layer ops need AVX-512; else torch ops
+    assert decoder.fast == (fast and _vectorized())  # the C layer ops need AVX-512 or AVX2; else torch ops
     for a, b in zip(_lean_steps(decoder, ref["tokens"], 10), _hf_steps(model, ref["tokens"], 10)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
     # A chunk of several tokens after cached ones (the masked path) gives the same last logits.
