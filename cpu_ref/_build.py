@@ -5,7 +5,9 @@ Why ctypes and a plain ``g++`` call rather than a torch C++ extension: the kerne
 on raw pointers), so it compiles in about a second with no ninja and no coupling to the torch ABI, and the build
 cannot break when torch is upgraded. ``-march=native`` picks the widest dot-product instructions of the machine it
 is built on (AVX-512 VNNI, else AVX2, else scalar C++), so the library is cached per source, flags and CPU: in
-``$BITKERNELS_CACHE`` or ``~/.cache/bitkernels/cpu_ref``. OpenMP links ``libgomp.so.1``, the same soname as the
+``$BITKERNELS_CACHE`` or ``~/.cache/bitkernels/cpu_ref``. ``$BITKERNELS_CPU_MARCH`` (default ``native``) builds for an older
+target instead, e.g. ``haswell`` (AVX2) or ``x86-64`` (scalar): the only way to run and measure those paths on a
+newer CPU. OpenMP links ``libgomp.so.1``, the same soname as the
 runtime that pip's torch loads, so both share one thread pool.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +26,7 @@ import threading
 SOURCE = pathlib.Path(__file__).with_name("kernel.cpp")
 HEAD_SOURCE = pathlib.Path(__file__).with_name("head.cpp")
 LAYER_SOURCE = pathlib.Path(__file__).with_name("layer.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno",
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno",
          "-ffp-contract=off"]  # no FMA contraction: the epilogue rounds like torch's separate mul and add
 _lock = threading.Lock()
 _lib = None
@@ -36,6 +39,18 @@ class KernelBuildError(RuntimeError):
 def cache_dir() -> pathlib.Path:
     root = os.environ.get("BITKERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bitkernels")
     return pathlib.Path(root) / "cpu_ref"
+
+
+def _march_flag() -> str:
+    march = os.environ.get("BITKERNELS_CPU_MARCH", "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", march):
+        raise KernelBuildError(f"BITKERNELS_CPU_MARCH={march!r} is not a -march target (e.g. native, haswell, "
+                               "skylake-avx512, x86-64)")
+    return f"-march={march}"
+
+
+def _flags() -> list[str]:
+    return [*FLAGS, _march_flag()]
 
 
 def _cpu_signature() -> str:
@@ -80,7 +95,7 @@ def _sources() -> list[pathlib.Path]:
 def library_path() -> pathlib.Path:
     cxx = _compiler()
     sources = b"".join(s.read_bytes() for s in _sources())
-    setup = " ".join([cxx, *FLAGS, *_torch_openmp_link_flags(), _cpu_signature()]).encode()
+    setup = " ".join([cxx, *_flags(), *_torch_openmp_link_flags(), _cpu_signature()]).encode()
     key = hashlib.sha256(sources + setup).hexdigest()[:16]
     return cache_dir() / f"ternary_kernel-{key}.so"
 
@@ -93,7 +108,7 @@ def build(verbose: bool = False) -> pathlib.Path:
     # Compile to a temporary name in the same folder, then rename: concurrent builders never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    cmd = [_compiler(), *FLAGS, *map(str, _sources()), "-o", tmp, *_torch_openmp_link_flags()]
+    cmd = [_compiler(), *_flags(), *map(str, _sources()), "-o", tmp, *_torch_openmp_link_flags()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)

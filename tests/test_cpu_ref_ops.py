@@ -17,6 +17,43 @@ def test_kernel_builds_for_this_cpu():
     assert _build.isa() in ("avx512vnni", "avx2", "scalar")
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("march,isa,needs", [("haswell", "avx2", {"avx2", "fma", "f16c"}), ("x86-64", "scalar", set())])
+def test_kernel_built_for_an_older_target_passes_the_same_tests(march, isa, needs, tmp_path):
+    """BITKERNELS_CPU_MARCH builds the AVX2 or scalar paths on a newer CPU; the kernel and layer-op tests of this file
+    then run against that build in a child process (one library per process)."""
+    import os
+    import pathlib
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() != "x86_64" or not needs <= _cpu_flags():
+        pytest.skip(f"-march={march} does not run on this CPU")
+    env = {**os.environ, "BITKERNELS_CPU_MARCH": march, "BITKERNELS_CACHE": str(tmp_path)}
+    root = pathlib.Path(__file__).resolve().parent.parent
+    got = subprocess.run([sys.executable, "-c", "from cpu_ref import _build; print(_build.isa())"], env=env,
+                         cwd=root, capture_output=True, text=True)
+    assert got.returncode == 0 and got.stdout.strip() == isa, got.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "int32 or bitlinear_packed or one_token or head_gemv or layer_ops"], env=env, cwd=root,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_bad_march_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BITKERNELS_CPU_MARCH", "native; rm -rf /")
+    with pytest.raises(_build.KernelBuildError, match="not a -march target"):
+        _build.library_path()
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 7, 5), (2, 4, 256), (3, 13, 300), (4, 33, 513), (5, 64, 1024),
                                    (9, 9, 777), (1, 130, 2049), (17, 5, 64), (0, 8, 16)])
 def test_kernel_int32_is_exact(m, n, k):
