@@ -103,18 +103,19 @@ def stage_result(run_dir: Path, stage: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def loss_terms(run_dir: Path, cfg: dict, overrides: list[str]) -> dict | None:
+def loss_terms(run_dir: Path, cfg: dict) -> dict | None:
     """Each distill loss term at step 1 and over the last 10 steps, raw and weighted (lambda*LD, gamma*AD)."""
     f = run_dir / "distill" / "history.json"
     if not f.is_file():
         return None
+    import yaml
+
+    from bitdistill.config import parse_config
+
     history = json.loads(f.read_text())
-    section = dict(cfg.get("distill", {}) or {})
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if key.startswith("distill.") and key.count(".") == 1:
-            section[key.split(".")[1]] = float(value) if key.split(".")[1] in ("lambda_ld", "gamma_ad") else value
-    weights = {"ce": 1.0, "ld": float(section.get("lambda_ld", 10.0)), "ad": float(section.get("gamma_ad", 1e5))}
+    resolved = run_dir / "config.resolved.yaml"  # from the run's own train.py call: the row's overrides included
+    loss = parse_config(yaml.safe_load(resolved.read_text()) if resolved.is_file() else cfg).distill.loss
+    weights = {"ce": 1.0, "ld": loss.lambda_ld, "ad": loss.gamma_ad}
 
     def summary(records):
         out = {}
@@ -148,7 +149,7 @@ def collect_row(row: str, cfg: dict, out: Path, seeds: list[int]) -> dict:
             r = stage_result(first / "main", "pretrain") or {}  # the shared Stage 2 counts toward every row using it
             tokens, seconds = tokens + r.get("tokens", 0), seconds + r.get("seconds", 0)
         entry = {"seed": s, **final["metrics"], "train_tokens": tokens, "train_seconds": seconds}
-        terms = loss_terms(results[-1][0], cfg, results[-1][2])
+        terms = loss_terms(results[-1][0], cfg)
         if terms and metric_stage(row) == "distill":
             entry["loss_terms"] = terms
         per_seed.append(entry)

@@ -11,13 +11,12 @@ summary table FP-SFT / BitNet-SFT / BitDistill. ``--set a.b=value`` overrides an
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,78 +26,17 @@ if __package__ in (None, ""):  # run as a script (accelerate launch bitdistill/t
 import torch
 import torch.nn as nn
 
+from bitdistill.config import (DEFAULT_CONFIG, PACKAGE_DIR, ConvertSection, PipelineConfig, fill_tiny_paths,
+                               load_config, parse_config, read_config)
 from bitdistill.convert import convert_to_bitnet, load_student
-from bitdistill.data import DataError, TaskSpec, encode_example, load_corpus_texts, load_task_split, pack_corpus
+from bitdistill.data import encode_example, load_corpus_texts, load_task_split, pack_corpus
 from bitdistill.evaluate import evaluate
-from bitdistill.losses import DistillConfig, bitdistill_loss, causal_lm_loss
-from bitdistill.regional_compile import check_compile_mode, compile_decoder_layers
+from bitdistill.losses import bitdistill_loss, causal_lm_loss
+from bitdistill.regional_compile import compile_decoder_layers
 from bitdistill.summary import STAGES, summary_table, write_plot
-from bitdistill.trainer import TrainArgs, train
+from bitdistill.trainer import train
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG = PACKAGE_DIR / "configs" / "tiny.yaml"
-
-
-# ------------------------------------------------------------------------------------------------------ config
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:
-    import yaml
-
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file() and (PACKAGE_DIR / path).is_file():
-        path = PACKAGE_DIR / path  # `--config configs/tiny.yaml` from anywhere
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist (see bitdistill/configs/)")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key.path=value, got {item!r}")
-        key, value = item.split("=", 1)
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return cfg
-
-
-def _typed(cls, values: dict) -> dict:
-    """Config values cast to the dataclass fields' number types (YAML reads ``2e-3`` as a string)."""
-    out = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        v, kind = values[f.name], str(f.type)
-        try:
-            if v is not None and not isinstance(v, bool) and kind.startswith("float"):
-                v = float(v)
-            elif v is not None and not isinstance(v, bool) and kind.startswith("int"):
-                v = int(float(v))
-        except (TypeError, ValueError):
-            raise ValueError(f"{cls.__name__}.{f.name} must be a number ({kind}), got {v!r}") from None
-        out[f.name] = v
-    return out
-
-
-def stage_train_args(cfg: dict, stage: str) -> TrainArgs:
-    merged = dict(cfg.get("train", {}))
-    section = cfg.get(stage.replace("-", "_"), {}) or {}
-    names = {f.name for f in fields(TrainArgs)}
-    merged.update({k: v for k, v in section.items() if k in names})
-    unknown = set(cfg.get("train", {})) - names
-    if unknown:
-        raise ValueError(f"unknown train keys {sorted(unknown)}; known: {sorted(names)}")
-    args = TrainArgs(**_typed(TrainArgs, merged))
-    args.compile = check_compile_mode(args.compile)
-    return args
-
-
-def distill_config(cfg: dict) -> DistillConfig:
-    section = cfg.get("distill", {}) or {}
-    names = {f.name for f in fields(DistillConfig)}
-    return DistillConfig(**_typed(DistillConfig, {k: v for k, v in section.items() if k in names}))
+__all__ = ["load_config", "main", "run_stage"]  # load_config: re-exported for callers of bitdistill.train
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -122,29 +60,24 @@ def load_fp_model(path: str, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=dtype)
 
 
-def convert_base(path: str, conv: dict, backend: str | None):
+def convert_base(path: str, conv: ConvertSection, backend: str | None):
     """Stage 1 on the base FP model: SubLN (``convert.layout``) and BitLinear."""
-    unknown = set(conv) - {"subln", "per_channel", "layout", "subln_eps"}
-    if unknown:
-        raise ValueError(f"unknown convert keys {sorted(unknown)}; known: layout, subln, per_channel, subln_eps")
-    return convert_to_bitnet(load_fp_model(path), subln=conv.get("subln", True), layout=conv.get("layout", "subln"),
-                             per_channel=conv.get("per_channel", False), subln_eps=conv.get("subln_eps"),
-                             backend=backend)
+    return convert_to_bitnet(load_fp_model(path), subln=conv.subln, layout=conv.layout, per_channel=conv.per_channel,
+                             subln_eps=conv.subln_eps, backend=backend)
 
 
-def prepare_base(cfg: dict, out: Path, accelerator) -> tuple[str, dict]:
+def prepare_base(cfg: PipelineConfig, out: Path, accelerator) -> tuple[str, dict]:
     """The base FP model path (building the tiny one if none is given) and the tiny data files (if generated)."""
     from bitdistill import tiny
 
-    model_cfg = cfg.get("model", {}) or {}
     files = {}
-    if cfg.get("tiny_data", False) or model_cfg.get("name_or_path") is None:
+    if cfg.tiny_data or cfg.model.name_or_path is None:
         with accelerator.main_process_first():  # rank 0 writes, the others read what it wrote
-            files = tiny.generate_data(out / "data", seed=cfg.get("seed", 0), **cfg.get("tiny_data_sizes", {}))
-    if model_cfg.get("name_or_path") is not None:
-        return resolve_model_path(str(model_cfg["name_or_path"])), files
+            files = tiny.generate_data(out / "data", seed=cfg.seed, **cfg.tiny_data_sizes)
+    if cfg.model.name_or_path is not None:
+        return resolve_model_path(str(cfg.model.name_or_path)), files
     with accelerator.main_process_first():
-        path = tiny.build_tiny_base(out / "base", files, seed=cfg.get("seed", 0), **model_cfg.get("tiny", {}))
+        path = tiny.build_tiny_base(out / "base", files, seed=cfg.seed, **cfg.model.tiny)
     return path, files
 
 
@@ -161,19 +94,6 @@ def save_model(accelerator, model, tokenizer, directory: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def _fill_tiny_paths(cfg: dict, files: dict) -> None:
-    """``tiny:<key>`` in a file setting means a generated tiny data file."""
-    def visit(node):
-        for k, v in list(node.items()):
-            if isinstance(v, dict):
-                visit(v)
-            elif isinstance(v, str) and v.startswith("tiny:"):
-                if v[5:] not in files:
-                    raise DataError(f"{k}: {v!r} names no generated file; known: {sorted(files)}")
-                node[k] = files[v[5:]]
-    visit(cfg)
-
-
 # ------------------------------------------------------------------------------------------------------ stages
 
 @dataclass
@@ -186,44 +106,41 @@ class StageSetup:
     eager_layers: tuple[int, ...] = ()  # decoder layers that stay uncompiled
 
 
-def _converted_base(cfg: dict, ctx: dict) -> nn.Module:
-    return convert_base(ctx["base"], cfg.get("convert", {}) or {}, ctx["backend"])
+def _converted_base(cfg: PipelineConfig, ctx: dict) -> nn.Module:
+    return convert_base(ctx["base"], cfg.convert, ctx["backend"])
 
 
-def build_sft(cfg: dict, ctx: dict) -> StageSetup:
+def build_sft(cfg: PipelineConfig, ctx: dict) -> StageSetup:
     return StageSetup(load_fp_model(ctx["base"]), ctx["train_examples"], causal_lm_loss)
 
 
-def build_bitnet_sft(cfg: dict, ctx: dict) -> StageSetup:
+def build_bitnet_sft(cfg: PipelineConfig, ctx: dict) -> StageSetup:
     return StageSetup(_converted_base(cfg, ctx), ctx["train_examples"], causal_lm_loss)
 
 
-def build_pretrain(cfg: dict, ctx: dict) -> StageSetup:
+def build_pretrain(cfg: PipelineConfig, ctx: dict) -> StageSetup:
     model = _converted_base(cfg, ctx)
-    pre = cfg.get("pretrain", {}) or {}
-    corpus = pre.get("corpus", {}) or {}
-    texts = load_corpus_texts(corpus.get("file"), corpus.get("name"), corpus.get("subset"),
-                              corpus.get("split", "train"), corpus.get("text_column", "text"))
-    examples = pack_corpus(ctx["tokenizer"], texts, int(pre.get("block_size", 128)), pre.get("token_budget"))
-    ctx["accelerator"].print(f"[pretrain] {len(examples)} blocks x {pre.get('block_size', 128)} tokens")
+    pre, corpus = cfg.pretrain, cfg.pretrain.corpus
+    texts = load_corpus_texts(corpus.file, corpus.name, corpus.subset, corpus.split, corpus.text_column)
+    examples = pack_corpus(ctx["tokenizer"], texts, pre.block_size, pre.token_budget)
+    ctx["accelerator"].print(f"[pretrain] {len(examples)} blocks x {pre.block_size} tokens")
     return StageSetup(model, examples, causal_lm_loss)
 
 
-def build_distill(cfg: dict, ctx: dict) -> StageSetup:
+def build_distill(cfg: PipelineConfig, ctx: dict) -> StageSetup:
     accelerator, backend, out = ctx["accelerator"], ctx["backend"], ctx["out"]
-    dcfg = distill_config(cfg)
-    section = cfg.get("distill", {}) or {}
+    section, dcfg = cfg.distill, cfg.distill.loss
     # student "convert": Stage 1 applied to the base model here, skipping Stage 2 (the no-Stage-2 ablation)
-    fresh = section.get("student") == "convert"
-    student_path = Path(ctx["base"]) if fresh else Path(section.get("student") or out / "pretrain" / "model")
-    teacher_path = Path(section.get("teacher") or out / "sft" / "model")
+    fresh = section.student == "convert"
+    student_path = Path(ctx["base"]) if fresh else Path(section.student or out / "pretrain" / "model")
+    teacher_path = Path(section.teacher or out / "sft" / "model")
     for role, path, producer in (("student", student_path, "pretrain"), ("teacher", teacher_path, "sft")):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"[distill] {role} {str(path)!r} does not exist: run the {producer!r} "
                                     f"stage first (--stages {producer}) or set distill.{role}")
     model = _converted_base(cfg, ctx) if fresh else load_student(student_path, backend=backend)
     model.train()
-    teacher_dtype = getattr(torch, section.get("teacher_dtype", "bfloat16"))
+    teacher_dtype = getattr(torch, section.teacher_dtype)
     teacher = load_fp_model(str(teacher_path), dtype=teacher_dtype).to(accelerator.device).eval()
     teacher.requires_grad_(False)
     vs, vt = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
@@ -245,7 +162,7 @@ STAGE_BUILDERS = {"sft": build_sft, "bitnet-sft": build_bitnet_sft, "pretrain": 
 assert tuple(STAGE_BUILDERS) == STAGES, "a builder for every stage, in the pipeline's order"
 
 
-def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
+def run_stage(stage: str, cfg: PipelineConfig, ctx: dict) -> dict:
     """Build the stage's model, train it, save it and (except pretrain) evaluate it; ``result.json`` marks it done."""
     accelerator, tokenizer, out, resume = ctx["accelerator"], ctx["tokenizer"], ctx["out"], ctx["resume"]
     stage_dir = out / stage
@@ -257,10 +174,10 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         result_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    args = stage_train_args(cfg, stage)
-    spec, seed = ctx["spec"], int(cfg.get("seed", 0))
     if stage not in STAGE_BUILDERS:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    args = cfg.train_args(stage)
+    spec, seed = cfg.task, cfg.seed
     setup = STAGE_BUILDERS[stage](cfg, ctx)
     model, examples, loss_fn, teacher = setup.model, setup.examples, setup.loss_fn, setup.teacher
     for m in (model, teacher):
@@ -276,7 +193,8 @@ def run_stage(stage: str, cfg: dict, ctx: dict) -> dict:
     if step_seconds:  # the median step: the loop's time without its first steps' compiles and the checkpoints
         result["median_step_seconds"] = step_seconds[len(step_seconds) // 2]
     if run["stopped_early"]:
-        accelerator.print(f"[{stage}] stopped after step {run['steps']} (stop_after_steps); rerun with --resume")
+        accelerator.print(f"[{stage}] stopped after step {run['steps']} (stop_after_steps or train.deadline); "
+                          "rerun with --resume")
         result["stopped_early"] = True
         return result
     save_model(accelerator, model, tokenizer, stage_dir / "model")
@@ -316,19 +234,16 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     a = parse_args(argv)
-    cfg = load_config(a.config, a.set)
-    if a.output_dir:
-        cfg["output_dir"] = a.output_dir
+    raw = read_config(a.config, a.set)
+    for key, value in (("output_dir", a.output_dir), ("backend", a.backend), ("stages", a.stages)):
+        if value:
+            raw[key] = value
     if a.model:
-        cfg.setdefault("model", {})["name_or_path"] = a.model
-    if a.backend:
-        cfg["backend"] = a.backend
-    stages = a.stages.split(",") if a.stages else list(cfg.get("stages", STAGES))
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise ValueError(f"unknown stage(s) {bad}; choose from {STAGES}")
-    out = Path(cfg.get("output_dir", "outputs/tiny"))
-    backend = None if cfg.get("backend", "auto") == "auto" else cfg["backend"]
+        raw.setdefault("model", {})["name_or_path"] = a.model
+    cfg = parse_config(raw)  # every key, type and choice checked here, once
+    stages = cfg.stages
+    out = Path(cfg.output_dir)
+    backend = None if cfg.backend == "auto" else cfg.backend
 
     try:
         import tensorboard  # noqa: F401
@@ -336,26 +251,25 @@ def main(argv=None) -> dict:
         log_with = "tensorboard"
     except ImportError:
         log_with = None
-    mixed = cfg.get("mixed_precision", "auto")
+    mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True on CPU-only hosts: without it a multi-process CPU launch (torchrun) is not seen as distributed
     accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=str(out / "logs"),
                               cpu=not torch.cuda.is_available())
-    set_seed(int(cfg.get("seed", 0)))
+    set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.resolved.yaml").write_text(__import__("yaml").safe_dump(cfg))
+        (out / "config.resolved.yaml").write_text(__import__("yaml").safe_dump(raw))
     base, files = prepare_base(cfg, out, accelerator)
-    cfg = copy.deepcopy(cfg)
-    _fill_tiny_paths(cfg, files)
+    cfg = fill_tiny_paths(cfg, files)
     if log_with:
         accelerator.init_trackers("bitdistill")
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    spec = TaskSpec(**(cfg.get("task", {}) or {}))
+    spec = cfg.task
     needs_task = any(s != "pretrain" for s in stages)
     train_rows = load_task_split(spec, "train") if needs_task else []
     eval_rows = load_task_split(spec, "eval") if needs_task else []

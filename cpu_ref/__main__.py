@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     if args.cmd == "classify-gguf":
         import json
 
-        from bitdistill.data import DataError, TaskSpec, load_task_split
-        from bitdistill.train import load_config
+        from bitdistill.config import parse_config, read_config
+        from bitdistill.data import DataError, load_task_split
 
         from .gguf_check import classification_accuracy
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         if not pathlib.Path(args.gguf).is_file():
             raise SystemExit(f"classify-gguf: {args.gguf} does not exist (write it with export-gguf)")
         try:
-            spec = TaskSpec(**load_config(args.config)["task"])
+            spec = parse_config(read_config(args.config)).task
             if spec.type != "classification":
                 raise SystemExit(f"classify-gguf: {args.config} has a {spec.type} task; only classification is scored")
             rows = load_task_split(spec, "eval")[:args.limit]
