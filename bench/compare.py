@@ -3,7 +3,8 @@
     python bench/compare.py                 # every suite; on a GPU at real shapes
     python bench/compare.py --suite quant   # one suite (names: files in bench/suites/)
 
-Writes bench/results/<device>-<date>.json. On a CPU the kernels run in Triton's interpreter at tiny shapes: the
+Writes bench/results/<device>-<date>.json, and beside it a .png of each peer's time over ours where peers ran
+(bench/peers.py: FLA, onebitllms, torchao, Liger, when installed). On a CPU the kernels run in Triton's interpreter at tiny shapes: the
 timings there only show that the harness works and mean nothing about speed.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # the kernels can only run on a CPU through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bench.peers import plot_peer_ratios  # noqa: E402
 from bench.harness import (  # noqa: E402
     measure_copy_bandwidth, measure_matmul_tflops, peak_memory_bytes, time_ms, warm_up, write_results)
 
@@ -114,6 +116,8 @@ def main(argv=None) -> int:
 
     out = write_results({"meta": meta, "rows": rows}, args.out, meta)
     print(f"\nwrote {out}")
+    if plot_peer_ratios(rows, out.with_suffix(".png")):
+        print(f"wrote {out.with_suffix('.png')}")
     print("\n".join(format_row(r, meta["copy_bandwidth_GBps"]) for r in rows))
     return 0
 

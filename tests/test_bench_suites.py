@@ -159,3 +159,84 @@ def test_host_ab_imports_an_earlier_revision_beside_the_working_tree(tmp_path):
     assert from_dir.__name__ == "bitkernels_old_rev_1.ops"
     assert hasattr(torch.ops.bitkernels_old_rev_1, "bitlinear_forward")
     assert profile_bitlinear_host.ab_steps(16, 64, 96, from_dir, torch.device("cpu"))[1]
+
+
+def _fake_module(monkeypatch, name: str, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(__import__("sys").modules, name, module)
+
+
+def test_bitlinear_peers_are_timed_only_when_they_run_and_match(monkeypatch, capsys):
+    # A peer is timed only when it imports and runs on the benchmark's own tensors; one that is absent or fails is in
+    # the row's notes with why (never silently dropped); the check prints its error against the reference.
+    import sys
+
+    from bench import peers
+    from bench.suites import bitlinear
+
+    x, w, nw, dy = bitlinear.training_inputs(16, 64, 48, torch.device("cpu"), torch.float32)
+    calls = []
+
+    def fla_like(x, norm_weight, norm_bias, weight, bias, eps):
+        calls.append((norm_weight is nw, weight is w))
+        return bitlinear.reference_bitlinear(x, norm_weight, weight)
+
+    _fake_module(monkeypatch, "fla")
+    _fake_module(monkeypatch, "fla.modules")
+    _fake_module(monkeypatch, "fla.modules.fused_bitlinear", rms_norm_linear_quant=fla_like)
+    monkeypatch.setitem(sys.modules, "onebitllms", None)  # not installed
+
+    def broken(*_):
+        raise RuntimeError("no driver")
+    _fake_module(monkeypatch, "torchao", quantize_=broken)
+    _fake_module(monkeypatch, "torchao.prototype")
+    _fake_module(monkeypatch, "torchao.prototype.quantized_training", bitnet_training=lambda: None)
+
+    found, skipped = peers.bitlinear_peers(w, nw, bitlinear.EPS)
+    assert set(found) == {"fla_fused_bitlinear"} and set(skipped) == {"onebitllms", "torchao_bitnet"}
+    assert "RuntimeError: no driver" in skipped["torchao_bitnet"] and "onebitllms" in skipped["onebitllms"]
+
+    # A peer that imports but fails on the tensors moves to skipped too.
+    found["bad"] = (broken, (w,))
+    ran = bitlinear._check_peers(found, skipped, x, w, nw, dy, "tiny")
+    assert set(ran) == {"fla_fused_bitlinear"} and skipped["bad"] == "RuntimeError: no driver"
+    assert calls and all(a and b for a, b in calls)  # it was handed our tensors, not copies
+    assert "check fla_fused_bitlinear vs reference (relative L2), tiny: {'y': '0.0e+00', 'dx': '0.0e+00'" in \
+        capsys.readouterr().out
+    assert w.grad is None and nw.grad is None  # the check leaves no grads behind on the timed leaves
+
+
+def test_distill_peers_get_our_tensors_and_absent_ones_are_noted(monkeypatch):
+    import sys
+
+    from bench import peers
+
+    hs, ws, ht, wt = (torch.randn(8, 4) for _ in range(4))
+    labels = torch.zeros(8, dtype=torch.long)
+    seen = {}
+
+    class JSD:
+        @staticmethod
+        def apply(*args):
+            seen["ops"] = args
+            return torch.tensor(1.0)
+
+    _fake_module(monkeypatch, "liger_kernel")
+    _fake_module(monkeypatch, "liger_kernel.ops")
+    _fake_module(monkeypatch, "liger_kernel.ops.fused_linear_jsd", LigerFusedLinearJSDFunction=JSD)
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)
+    found, skipped = peers.distill_loss_peers(hs, ws, ht, wt, labels, 5.0)
+    assert set(found) == {"liger_fused_linear_jsd"} and set(skipped) == {"liger_chunked_jsd"}
+    assert found["liger_fused_linear_jsd"]().item() == 1.0
+    # beta 0 is forward KL(teacher || student) in Liger's convention, at our temperature
+    assert seen["ops"][:5] == (hs, ws, ht, wt, labels) and seen["ops"][5:] == (0.0, -100, 5.0)
+
+
+def test_peer_ratio_plot(tmp_path):
+    from bench.peers import plot_peer_ratios
+
+    rows = [{"case": "fwd", "shape": "M=1", "ms": {"ours": 1.0, "fla_fused_bitlinear": 2.0, "plain_eager": 3.0}},
+            {"case": "fwd", "shape": "M=2", "ms": {"ours": 1.0, "torchao_bitnet": None}}]
+    assert plot_peer_ratios(rows, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+    assert not plot_peer_ratios(rows[1:], tmp_path / "q.png") and not (tmp_path / "q.png").exists()

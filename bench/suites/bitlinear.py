@@ -15,6 +15,8 @@ optimizer step) and forward only. Implementations:
     plain_eager        F.rms_norm + F.linear in bf16 (cuBLAS), eager;   plain_compile: the same under torch.compile
     plain_cudagraph    the same as a module under torch.compile(mode="reduce-overhead"), timed as ours_cudagraph is
     ref_eager          reference.bitlinear (fake-quantized bf16 math);  ref_compile: the same under torch.compile
+    peers (bench/peers.py, where installed): fla_fused_bitlinear, onebitllms, torchao_bitnet on the same x, w and
+                       SubLN weight; those not installed are listed in the row's notes as peers_skipped
     floor_bf16_3gemm   the three cuBLAS bf16 GEMMs of the step (fwd, grad_x, grad_W) and nothing else
     cublas_linear      forward only: F.linear in bf16 alone (no norm)
     int8_gemm_only     the forward int8 GEMM alone (codes already made)
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 import bitkernels.reference as ref
 from bench.harness import Case
+from bench.peers import bitlinear_peers
 
 SHAPES = [(1024, 3072), (2048, 6144), (2560, 9728), (9728, 2560)]
 TOKENS = (8192, 2048)
@@ -59,6 +62,32 @@ def _check(ops, x, w, nw, dy, shape):
         return ((u.double() - v.double()).norm() / v.double().norm()).item()
     errs = {name: f"{rel(u, v):.1e}" for name, u, v in zip(("y", "dx", "dW", "dnorm"), *grads)}
     print(f"check ours vs reference (relative L2), {shape}: {errs}", flush=True)
+
+
+def _check_peers(peers: dict, skipped: dict, x, w, nw, dy, shape) -> dict:
+    """Each peer vs the reference at the benchmark's shape (the peers must compute the same layer to be compared):
+    the peers that ran; one that fails here (e.g. no GPU driver for its kernels) moves to ``skipped`` with why."""
+    a, b, c = (t.detach().clone().requires_grad_() for t in (x, w, nw))
+    expected = reference_bitlinear(a, c, b)
+    expected.backward(dy)
+    ran = {}
+    for name, (fwd, params) in peers.items():
+        xi = x.detach().clone().requires_grad_()
+        try:
+            y = fwd(xi)
+            y.backward(dy)
+        except Exception as exc:
+            skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            continue
+        finally:
+            grads = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+        errs = {k: f"{((g.double() - e.double()).norm() / e.double().norm()).item():.1e}"
+                for k, g, e in zip(("y", "dx", "dW"), (y, xi.grad, grads[0]), (expected, a.grad, b.grad))}
+        print(f"check {name} vs reference (relative L2), {shape}: {errs}", flush=True)
+        ran[name] = (fwd, params)
+    return ran
 
 
 def _fwd_bwd(fn, params, dy, new_step: bool = False):
@@ -192,6 +221,11 @@ def cases(device: torch.device, quick: bool):
             shape = f"M={tokens} K={k} N={n}"
             x, w, nw, dy = training_inputs(tokens, k, n, device)
             impls, fwds, module, compiled = training_steps(x, w, nw, dy, plain_c, ref_c)
+            peers, peers_skipped = bitlinear_peers(w, nw, EPS)
+            peers = _check_peers(peers, peers_skipped, x, w, nw, dy, shape)
+            for name, (fwd, params) in peers.items():
+                fwds[name] = lambda x=x, fwd=fwd: fwd(x)
+                impls[name] = _fwd_bwd(fwds[name], (x, *params), dy)
             xd, wd, dyd = x.detach(), w.detach(), dy
             impls["floor_bf16_3gemm"] = lambda xd=xd, wd=wd, dyd=dyd: (xd @ wd.t(), dyd @ wd, dyd.t() @ xd)
             # The pieces of `ours`, timed alone: where its time goes.
@@ -216,6 +250,8 @@ def cases(device: torch.device, quick: bool):
             print(f"saved for backward, MiB, {shape}: {notes}", flush=True)
             _check(ops, x, w, nw, dy, shape)
             _check_compiled(module, compiled, x, dy, shape)
+            if peers_skipped:
+                notes["peers_skipped"] = peers_skipped
             flops = 3 * 2 * tokens * k * n
             yield Case("bitlinear", "fwd+bwd", shape, impls, flops=flops, notes=notes)
 
@@ -230,6 +266,7 @@ def cases(device: torch.device, quick: bool):
                 "int8_gemm_only": lambda c=codes, s=a_scale, wc=w_codes, ws=w_scale: ops.int8_matmul(c, wc, s, ws),
                 "int8_gemm_pointer": lambda c=codes, s=a_scale, wc=w_codes, ws=w_scale: ops.int8_matmul(
                     c, wc, s, ws, tma=False),
+                **{name: fwds[name] for name in peers},
             }
             yield Case("bitlinear", "fwd", shape, impls, flops=2 * tokens * k * n)
     if device.type == "cuda":  # which autotuned tile each GEMM picked, per (M bucket, N, K, ...) key

@@ -6,6 +6,8 @@ fused_linear_distill_loss fwd+bwd at Qwen-vocabulary shapes (V=151936, bf16, tau
   under torch.compile;
 - "gemms_only": just the four cuBLAS products the op must do (student and teacher logits, grad_h, grad_w) in the
   default chunks: the matmul floor as this cuBLAS reaches it.
+- peers (bench/peers.py, where installed): Liger's fused_linear_jsd (KL only) and chunked LigerFusedLinearJSDLoss
+  (CE + KL) at beta=0 (forward KL) and the same temperature; those not installed are listed as peers_skipped.
 flops counts those four products (2*N*V*(3*H_s + H_t)); peak memory is what compare.py records.
 Also: the chunk kernel alone on one default chunk, and distill_kl fwd+bwd on materialized bf16 logits (memory-bound:
 bytes = read s, t twice (fwd, bwd) + write grad).
@@ -16,6 +18,7 @@ import torch
 
 import bitkernels.reference as ref
 from bench.harness import Case
+from bench.peers import distill_loss_peers
 from bitkernels.ops import distill_loss as ops_dl
 
 SHAPES = {"qwen3-1.7b": (8192, 2048, 151936), "qwen3-0.6b": (4096, 1024, 151936)}
@@ -66,6 +69,14 @@ def _gemms_only(hs, ws, ht, wt, chunk):
     return run
 
 
+def _peer_step(loss, hs, ws):
+    def run():
+        hs.grad = None
+        ws.grad = None
+        loss().backward()
+    return run
+
+
 def cases(device: torch.device, quick: bool):
     dtype = torch.bfloat16
     shapes = {"tiny": (64, 32, 1000)} if quick else SHAPES
@@ -82,8 +93,26 @@ def cases(device: torch.device, quick: bool):
             "ref_compile": _fwd_bwd(ref_compiled, hs, ws, ht, wt, labels),
             "gemms_only": _gemms_only(hs, ws, ht, wt, default),
         }
+        peers, peers_skipped = distill_loss_peers(hs, ws, ht, wt, labels, TEMPERATURE)
+        values = {}
+        for name, loss in list(peers.items()):  # a peer that cannot run here is skipped with why, not timed
+            try:
+                with torch.no_grad():
+                    values[name] = f"{loss().item():.4g}"
+            except Exception as exc:
+                peers_skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                del peers[name]
+        impls.update({name: _peer_step(loss, hs, ws) for name, loss in peers.items()})
+        if peers:  # the peers' reductions differ from ours (sum vs mean, tau^2): values printed for the record
+            with torch.no_grad():
+                total, kd, ce = ops_dl.fused_linear_distill_loss(hs, ws, ht, wt, labels, TEMPERATURE, 1.0, 1.0, -100)
+            print(f"check distill peers, {model}: ours total {total.item():.4g} kd {kd.item():.4g} "
+                  f"ce {ce.item():.4g}; peers {values}", flush=True)
+        notes = {"default_chunk": default, "temperature": TEMPERATURE}
+        if peers_skipped:
+            notes["peers_skipped"] = peers_skipped
         yield Case("distill", "fused_linear_distill fwd+bwd", f"{model} N={n} H={h} V={v}", impls,
-                   flops=2.0 * n * v * (3 * h + h), notes={"default_chunk": default, "temperature": TEMPERATURE})
+                   flops=2.0 * n * v * (3 * h + h), notes=notes)
 
         # The chunk kernel alone on one default chunk: 5 passes of C*V bf16 (read s, t twice; write grad).
         zs = torch.randn(default, v, device=device, dtype=dtype) * 4
