@@ -4,8 +4,8 @@
     python bench/compare.py --suite quant   # one suite (names: files in bench/suites/)
 
 Writes bench/results/<device>-<date>.json, and beside it a .png of each peer's time over ours where peers ran
-(bench/peers.py: FLA, onebitllms, torchao, Liger, when installed). On a CPU the kernels run in Triton's interpreter at tiny shapes: the
-timings there only show that the harness works and mean nothing about speed.
+(bench/peers.py: FLA, onebitllms, torchao, Liger, when installed). On a CPU the kernels run in Triton's interpreter
+at tiny shapes: the timings there only show that the harness works and mean nothing about speed.
 """
 from __future__ import annotations
 

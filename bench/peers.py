@@ -60,7 +60,8 @@ def plot_peer_ratios(rows: list[dict], path) -> bool:
     return True
 
 
-def _missing(exc: BaseException) -> str:
+def skip_reason(exc: BaseException) -> str:
+    """Why a peer is not timed, as the row's ``peers_skipped`` records it: the exception's first line."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
@@ -68,7 +69,7 @@ def _try(name: str, build: Callable[[], Callable], found: dict, skipped: dict) -
     try:
         found[name] = build()
     except Exception as exc:  # an absent or incompatible peer is a note in the results, not a failed benchmark
-        skipped[name] = _missing(exc)
+        skipped[name] = skip_reason(exc)
 
 
 def bitlinear_peers(w: torch.Tensor, nw: torch.Tensor, eps: float) -> tuple[dict, dict]:

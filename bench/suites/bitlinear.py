@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import bitkernels.reference as ref
 from bench.harness import Case
-from bench.peers import bitlinear_peers
+from bench.peers import bitlinear_peers, skip_reason
 
 SHAPES = [(1024, 3072), (2048, 6144), (2560, 9728), (9728, 2560)]
 TOKENS = (8192, 2048)
@@ -77,7 +77,7 @@ def _check_peers(peers: dict, skipped: dict, x, w, nw, dy, shape) -> dict:
             y = fwd(xi)
             y.backward(dy)
         except Exception as exc:
-            skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            skipped[name] = skip_reason(exc)
             continue
         finally:
             grads = [p.grad for p in params]

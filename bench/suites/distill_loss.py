@@ -18,7 +18,7 @@ import torch
 
 import bitkernels.reference as ref
 from bench.harness import Case
-from bench.peers import distill_loss_peers
+from bench.peers import distill_loss_peers, skip_reason
 from bitkernels.ops import distill_loss as ops_dl
 
 SHAPES = {"qwen3-1.7b": (8192, 2048, 151936), "qwen3-0.6b": (4096, 1024, 151936)}
@@ -100,7 +100,7 @@ def cases(device: torch.device, quick: bool):
                 with torch.no_grad():
                     values[name] = f"{loss().item():.4g}"
             except Exception as exc:
-                peers_skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                peers_skipped[name] = skip_reason(exc)
                 del peers[name]
         impls.update({name: _peer_step(loss, hs, ws) for name, loss in peers.items()})
         if peers:  # the peers' reductions differ from ours (sum vs mean, tau^2): values printed for the record
