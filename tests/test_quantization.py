@@ -380,6 +380,18 @@ def test_rmsnorm_backward_and_dequantize(shape, dtype, device, rmsnorm_backward_
     dx2, dw2 = ops.rmsnorm_backward(dy, x, w, rstd)  # the same pass without the dequantized output
     torch.testing.assert_close(dx2, dx, rtol=0, atol=0)
     torch.testing.assert_close(dw2, dw, rtol=0, atol=0)
+    # dx over dy, and only each row's absmax: the same dx and dw; the codes rebuilt a ragged column block at a
+    # time are the forward's, bit for bit.
+    dy_copy = dy.clone()
+    dx3, dw3, absmax = ops.rmsnorm_backward_and_absmax(dy_copy, x, w, rstd, act_eps, overwrite_dy=True)
+    assert dx3.data_ptr() == dy_copy.data_ptr()
+    torch.testing.assert_close(dx3, dx, rtol=0, atol=0)
+    torch.testing.assert_close(dw3, dw, rtol=0, atol=0)
+    torch.testing.assert_close(absmax * (1.0 / 127.0), scale, rtol=0, atol=0)
+    n, block = shape[-1], shape[-1] // 3 + 1
+    blocks = [ops.rmsnorm_dequantize_columns(x, w, rstd, absmax, i, min(i + block, n), dtype)
+              for i in range(0, n, block)]
+    torch.testing.assert_close(torch.cat(blocks, 1) if blocks else forward_deq, forward_deq, rtol=0, atol=0)
 
     # From the int8 codes: x_hat = codes * scale / w (the quantized value), in float64 for the expected gradients.
     dx, dw, xq = ops.rmsnorm_backward_and_dequantize(dy, codes, w, rstd, act_eps, dtype, scale, dtype)

@@ -4,10 +4,14 @@ Forward:  (SubLN RMSNorm +) per-token int8 quantization of x in one pass (``rmsn
           ``int8_matmul`` with the two scales and the bias in its epilogue. The ternary weight codes are made once
           per weight version, not once per call (the module's cache); when they are made, their pass shares one
           launch with x's quantization (``ternarize_and_quantize``: 3 launches a forward instead of 4).
-Backward: straight-through estimator. grad_h = grad_y @ (Wq*s), then the SubLN RMSNorm backward, then
-          grad_W = grad_y^T @ (xq*a/127), both GEMMs on cuBLAS over dequantized copies made right before and freed
-          right after: Wq*s by ``dequantize_int8``, xq*a/127 by the RMSNorm backward itself from the same read of x
-          (or of the codes) that gives dx (``rmsnorm_backward_and_dequantize``): one pass over x, not two.
+Backward: straight-through estimator. grad_h = grad_y @ (Wq*s), then the SubLN RMSNorm backward (dx written over
+          grad_h), then grad_W = grad_y^T @ (xq*a/127), both GEMMs on cuBLAS over dequantized copies made right
+          before and freed right after: Wq*s by ``dequantize_int8``; xq*a/127 by the RMSNorm backward itself from
+          the same read of x (or of the codes) that gives dx (``rmsnorm_backward_and_dequantize``: one pass over x,
+          not two) while all of it fits ``GRAD_WEIGHT_BLOCK_BYTES``, else a block of K's columns at a time, each
+          with its slice of grad_W's GEMM (``bitlinear_grad_weight_blocks``). The backward's peak is then its
+          outputs plus the larger of Wq*s and one block, where one [M, K] copy of xq*a/127 and grad_h beside dx
+          used to be two [M, K] buffers more than plain nn.Linear's.
 Saved:    without SubLN: the int8 activation codes + fp32 per-token scale (1 byte per element; plain nn.Linear
           keeps the bf16 input, 2). With SubLN the RMSNorm backward needs x*rstd, two choices:
           ``save_input=True`` (the default of BitLinear and of ``bitlinear``): keep x only (2 bytes per element,

@@ -12,7 +12,14 @@ from .._base import as_rows
 from ..reference.bitlinear import bitlinear_grad_weight  # a plain cuBLAS GEMM: the reference is the op
 from .dequantize import dequantize_int8
 from .int8_matmul import int8_matmul
-from .rmsnorm_quant import quantize_input, rmsnorm_backward, rmsnorm_backward_and_dequantize
+from .rmsnorm_quant import (quantize_input, rmsnorm_backward, rmsnorm_backward_and_absmax,
+                            rmsnorm_backward_and_dequantize, rmsnorm_dequantize_columns)
+
+# The weight gradient's operand, x's dequantized codes [M, K], is made this many bytes at a time (a block of K's
+# columns, its slice of grad_W's GEMM right after) once the whole of it would be larger: that copy would otherwise
+# be the backward's largest temporary beside grad_x, which plain nn.Linear never makes. At 8192 tokens in bf16 a
+# block is 1024 columns, a GEMM of 16M x N multiply-adds: long enough on the GPU to hide the block's two launches.
+GRAD_WEIGHT_BLOCK_BYTES = 16 << 20
 
 
 def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -20,6 +27,33 @@ def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: t
     dequantized weight is rounded to grad_y's dtype, as the reference's fake-quantized weight is. ``torch.mm``, not
     ``@``: the operator goes through Tensor.__matmul__'s Python wrapper and matmul's shape logic first."""
     return torch.mm(grad_y, dequantize_int8(w_codes, w_scale, grad_y.dtype))
+
+
+def grad_weight_block_columns(m: int, k: int, dtype: torch.dtype) -> int:
+    """Columns of x's dequantized codes made at a time for grad_W: all ``k`` when they fit in
+    ``GRAD_WEIGHT_BLOCK_BYTES``, else a multiple of 128 (at least 128) that does."""
+    per_column = max(m, 1) * dtype.itemsize
+    if k * per_column <= GRAD_WEIGHT_BLOCK_BYTES:
+        return k
+    return max(128, GRAD_WEIGHT_BLOCK_BYTES // per_column // 128 * 128)
+
+
+def bitlinear_grad_weight_blocks(grad_y: torch.Tensor, dequantized_columns, k: int, block: int,
+                                 out_dtype: torch.dtype) -> torch.Tensor:
+    """grad_W [N, K] = grad_y^T @ x_deq, one block of ``block`` columns of x_deq at a time:
+    ``dequantized_columns(start, stop)`` makes x_deq[:, start:stop] and it is freed after its GEMM. Each element is
+    the same dot over M as in one GEMM; the GEMMs write straight into grad_W's columns when it is grad_y's dtype."""
+    grad_w = torch.empty((grad_y.shape[1], k), device=grad_y.device, dtype=out_dtype)
+    g_t = grad_y.t()
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        x_block = dequantized_columns(start, stop)
+        if out_dtype == grad_y.dtype:
+            torch.mm(g_t, x_block, out=grad_w[:, start:stop])
+        else:
+            grad_w[:, start:stop] = torch.mm(g_t, x_block)
+        del x_block
+    return grad_w
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -62,28 +96,43 @@ def bitlinear_backward_impl(grad_y, x, codes, a_scale, rstd, w_codes, w_scale, n
             raise ValueError(f"a backward from the saved input x needs the forward's 1/rms (rstd), one per row; "
                              f"got {got} for x {tuple(x.shape)}")
         x = as_rows(x)
-    grad_x = grad_w = grad_b = grad_nw = x_deq = None
+    grad_x = grad_w = grad_b = grad_nw = x_deq = absmax = None
+    k = w_codes.shape[1]
+    block = grad_weight_block_columns(g2.shape[0], k, g2.dtype) if grad_weight else k
     if grad_input:
         grad_h = bitlinear_grad_input(g2, w_codes, w_scale)  # d loss / d (quantized) normalized input, STE
         if norm_weight is None:
             grad_x = grad_h.to(x_dtype)
         else:
+            # dx over grad_h where the dtypes agree: grad_h is ours and dead after this pass, one [M, K] less
             source, code_scale = (x, None) if x is not None else (codes, a_scale)
-            if grad_weight:  # the same pass over x (or its codes) writes the weight GEMM's dequantized operand
+            overwrite = grad_h.dtype == x_dtype
+            if grad_weight and block == k:  # the same pass over x (or its codes) writes the GEMM's operand
                 grad_x, grad_nw, x_deq = rmsnorm_backward_and_dequantize(grad_h, source, norm_weight, rstd, act_eps,
-                                                                         g2.dtype, code_scale, x_dtype)
+                                                                         g2.dtype, code_scale, x_dtype, overwrite)
+            elif grad_weight and x is not None:  # in blocks after this pass, from x and each row's absmax
+                grad_x, grad_nw, absmax = rmsnorm_backward_and_absmax(grad_h, x, norm_weight, rstd, act_eps, x_dtype,
+                                                                      overwrite)
             else:
-                grad_x, grad_nw = rmsnorm_backward(grad_h, source, norm_weight, rstd, code_scale, x_dtype)
+                grad_x, grad_nw = rmsnorm_backward(grad_h, source, norm_weight, rstd, code_scale, x_dtype, overwrite)
         del grad_h
     if grad_weight:
-        if x_deq is None and x is not None:
+        if x_deq is None and absmax is None and x is not None:
             # Only W's gradient asked (x and the norm weight frozen: rare). The same pass with a zero upstream
             # gradient rebuilds the codes from the forward's own 1/rms: bit for bit, where re-running the forward's
             # pass would recompute 1/rms, on a GPU possibly an ulp apart.
             x_deq = rmsnorm_backward_and_dequantize(torch.zeros_like(x), x, norm_weight, rstd, act_eps, g2.dtype)[2]
-        elif x_deq is None:
-            x_deq = dequantize_int8(codes, a_scale, g2.dtype)
-        grad_w = bitlinear_grad_weight(g2, x_deq, weight_dtype)
+        if x_deq is not None:
+            grad_w = bitlinear_grad_weight(g2, x_deq, weight_dtype)
+        elif absmax is not None:
+            grad_w = bitlinear_grad_weight_blocks(
+                g2, lambda i, j: rmsnorm_dequantize_columns(x, norm_weight, rstd, absmax, i, j, g2.dtype), k, block,
+                weight_dtype)
+        elif block == k:
+            grad_w = bitlinear_grad_weight(g2, dequantize_int8(codes, a_scale, g2.dtype), weight_dtype)
+        else:
+            grad_w = bitlinear_grad_weight_blocks(
+                g2, lambda i, j: dequantize_int8(codes[:, i:j], a_scale, g2.dtype), k, block, weight_dtype)
     if grad_bias:
         grad_b = g2.sum(0, dtype=torch.float32).to(bias_dtype)
     return grad_x, grad_w, grad_b, grad_nw

@@ -1,7 +1,9 @@
 """SubLN RMSNorm fused with per-token INT8 quantization: x is read once, the normalized row never leaves registers.
 
-Backward (straight-through through the quantizer) is the plain RMSNorm backward, from x and the saved 1/rms; for
-BitLinear it also writes the dequantized codes the weight-gradient GEMM needs, from the same read of x.
+Backward (straight-through through the quantizer) is the plain RMSNorm backward, from x and the saved 1/rms, with
+dx optionally written over dy. For BitLinear it also writes the dequantized codes the weight-gradient GEMM needs,
+from the same read of x: all of them (``rmsnorm_backward_and_dequantize``), or only each row's absmax
+(``rmsnorm_backward_and_absmax``), from which ``rmsnorm_dequantize_columns`` makes them a column block at a time.
 ``quantize_input`` is BitLinear's input quantization, with or without the SubLN.
 
 The backward's tiling constants are its tuning table; the measurements behind them are in bench/notes/bitlinear.md,
@@ -27,6 +29,7 @@ TILE_M, TILE_N, TILE_WARPS = 32, 128, 8  # long rows, step 2: column tiles over 
 # The dw sum over per-program partial rows: 16 columns a program (128 programs over 2048 columns), 128 partial rows a
 # step; about twice as fast as 32 columns, 64 rows and 4 warps.
 SUM_BLOCK_P, SUM_BLOCK_N, SUM_WARPS = 128, 16, 8
+DEQ_BLOCK_M, DEQ_BLOCK_N = 16, 512  # rmsnorm_dequantize_columns: dequantize_int8's tile, a memory-bound pass
 
 
 @triton.jit
@@ -128,12 +131,12 @@ def _norm_weight_and_inverse(w_ptr, cols, col_mask):
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, dw_partial_ptr, xq_ptr, n_rows,
-                        n_cols, rows_per_program, stride_dy, stride_x, stride_dx, stride_xq, act_eps,
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, dw_partial_ptr, xq_ptr, absmax_ptr,
+                        n_rows, n_cols, rows_per_program, stride_dy, stride_x, stride_dx, stride_xq, act_eps,
                         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, FROM_CODES: tl.constexpr,
-                        WRITE_XQ: tl.constexpr):
+                        WRITE_XQ: tl.constexpr, WRITE_ABSMAX: tl.constexpr):
     # Whole rows in registers. Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of
-    # dw in registers: no atomics, deterministic.
+    # dw in registers: no atomics, deterministic. dx may overwrite dy: a row is read whole before it is written.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -152,17 +155,20 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dx_ptr, 
         dx = rstd[:, None] * (g - x_hat * c[:, None])
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * x_hat, axis=0)
-        if WRITE_XQ:
+        if WRITE_XQ or WRITE_ABSMAX:
             absmax = tl.maximum(tl.max(tl.abs(x_hat * w[None, :]), axis=1), act_eps)
-            _store_dequantized(xq_ptr + rows[:, None] * stride_xq + cols[None, :], x, x_hat, w, code_scale, absmax,
-                               mask, FROM_CODES)
+            if WRITE_ABSMAX:
+                tl.store(absmax_ptr + rows, absmax, mask=row_mask)
+            if WRITE_XQ:
+                _store_dequantized(xq_ptr + rows[:, None] * stride_xq + cols[None, :], x, x_hat, w, code_scale,
+                                   absmax, mask, FROM_CODES)
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=col_mask)
 
 
 @triton.jit
 def _rmsnorm_bwd_row_dot_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dot_ptr, absmax_ptr, n_rows,
                                 n_cols, stride_dy, stride_x, act_eps, BLOCK_N: tl.constexpr,
-                                FROM_CODES: tl.constexpr, WRITE_XQ: tl.constexpr):
+                                FROM_CODES: tl.constexpr, WRITE_ABSMAX: tl.constexpr):
     # Long rows, step 1 of 2: per row, dot = sum(dy * w * x_hat) / n (and the absmax of x_hat * w), in chunks.
     row = tl.program_id(0).to(tl.int64)
     rstd = tl.load(rstd_ptr + row)
@@ -179,10 +185,10 @@ def _rmsnorm_bwd_row_dot_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, 
             acc += dy * tl.where(w != 0.0, x, 0.0)
         else:
             acc += dy * w * x
-            if WRITE_XQ:
+            if WRITE_ABSMAX:
                 amax = tl.maximum(amax, tl.abs(x * rstd * w))
     tl.store(dot_ptr + row, tl.sum(acc, axis=0) * (code_scale if FROM_CODES else rstd) / n_cols)
-    if WRITE_XQ and not FROM_CODES:
+    if WRITE_ABSMAX and not FROM_CODES:
         tl.store(absmax_ptr + row, tl.maximum(tl.max(amax, axis=0), act_eps))
 
 
@@ -192,7 +198,7 @@ def _rmsnorm_bwd_tile_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, code_scale_ptr, dot
                              stride_dx, stride_xq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              FROM_CODES: tl.constexpr, WRITE_XQ: tl.constexpr):
     # Long rows, step 2 of 2: one column block over a run of rows; dx is elementwise given the row's dot, and dw
-    # is summed in registers over the run (no atomics, deterministic).
+    # is summed in registers over the run (no atomics, deterministic). dx may overwrite dy: disjoint tiles.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w, inv_w = _norm_weight_and_inverse(w_ptr, cols, col_mask)
@@ -287,30 +293,41 @@ def whole_row_bwd_block(n_cols: int) -> tuple[int, int, int]:
     return block_n, rows, num_warps
 
 
-def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps):
+def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps, write_absmax=False,
+                      overwrite_dy=False):
     dy2 = as_rows(dy)
     m, n = x.shape
     device = x.device
-    dx = torch.empty((m, n), device=device, dtype=out_dtype or x.dtype)
+    dx_dtype = out_dtype or x.dtype
+    if overwrite_dy and (dy2.dtype != dx_dtype or dy2.stride(-1) != 1 or dy2.shape != x.shape):
+        raise ValueError(f"overwrite_dy needs dy of dx's dtype {dx_dtype} and shape {tuple(x.shape)} with unit "
+                         f"column stride, got {dy2.dtype} {tuple(dy2.shape)} strides {dy2.stride()}")
+    dx = dy2 if overwrite_dy else torch.empty((m, n), device=device, dtype=dx_dtype)
     write_xq = dequantized_dtype is not None
     xq = torch.empty((m, n), device=device, dtype=dequantized_dtype) if write_xq else dx
-    if m == 0:
-        return dx, torch.zeros_like(weight), xq if write_xq else None
     from_codes = code_scale is not None
+    write_absmax = write_absmax and not from_codes  # from codes, the forward's code scale is the row's absmax / 127
+    long_rows = next_power_of_2(n) > WHOLE_ROW_MAX
+    # The long-row pair passes the absmax from its first kernel to its second; the whole-row kernel keeps it.
+    absmax_buffer = write_absmax or (long_rows and write_xq and not from_codes)
+    absmax = torch.empty(m, device=device, dtype=torch.float32) if absmax_buffer else rstd
+    extra = (xq if write_xq else None, absmax if write_absmax else None)
+    if m == 0:
+        return (dx, torch.zeros_like(weight)) + extra
     code_scale = code_scale if from_codes else rstd  # an unused pointer when not from codes
-    if next_power_of_2(n) <= WHOLE_ROW_MAX:
+    if not long_rows:
         block_n, rows, num_warps = whole_row_bwd_block(n)
         rows_per_program = cdiv(cdiv(m, 4 * device_info(device).sm_count), rows) * rows
         n_programs = cdiv(m, rows_per_program)
         dw_partial = torch.empty((n_programs, n), device=device, dtype=torch.float32)
         with on_device(x):
             launch(_rmsnorm_bwd_kernel, (n_programs,),
-                   dy2, x, weight, rstd, code_scale, dx, dw_partial, xq, m, n, rows_per_program,
+                   dy2, x, weight, rstd, code_scale, dx, dw_partial, xq, absmax, m, n, rows_per_program,
                    dy2.stride(0), x.stride(0), dx.stride(0), xq.stride(0), act_eps, BLOCK_N=block_n, ROWS=rows,
-                   FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=num_warps, enable_fp_fusion=False)
+                   FROM_CODES=from_codes, WRITE_XQ=write_xq, WRITE_ABSMAX=write_absmax, num_warps=num_warps,
+                   enable_fp_fusion=False)
     else:
         dot = torch.empty(m, device=device, dtype=torch.float32)
-        absmax = torch.empty(m, device=device, dtype=torch.float32) if write_xq and not from_codes else dot
         col_blocks = cdiv(n, TILE_N)
         splits = max(1, cdiv(16 * device_info(device).sm_count, col_blocks))
         rows_per_program = cdiv(cdiv(m, splits), TILE_M) * TILE_M
@@ -319,32 +336,83 @@ def _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dt
         with on_device(x):
             launch(_rmsnorm_bwd_row_dot_kernel, (m,),
                    dy2, x, weight, rstd, code_scale, dot, absmax, m, n, dy2.stride(0), x.stride(0), act_eps,
-                   BLOCK_N=DOT_BLOCK, FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=DOT_WARPS)
+                   BLOCK_N=DOT_BLOCK, FROM_CODES=from_codes, WRITE_ABSMAX=write_absmax or write_xq,
+                   num_warps=DOT_WARPS)
             launch(_rmsnorm_bwd_tile_kernel, (col_blocks, splits),
                    dy2, x, weight, rstd, code_scale, dot, absmax, dx, dw_partial, xq, m, n, rows_per_program,
                    dy2.stride(0), x.stride(0), dx.stride(0), xq.stride(0), BLOCK_M=TILE_M, BLOCK_N=TILE_N,
                    FROM_CODES=from_codes, WRITE_XQ=write_xq, num_warps=TILE_WARPS, enable_fp_fusion=False)
     with on_device(x):
         dw = _sum_dw_partials(dw_partial, weight.dtype)
-    return dx, dw, xq if write_xq else None
+    return (dx, dw) + extra
 
 
 def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                     code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+                     code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                     overwrite_dy: bool = False):
     """RMSNorm gradients from rows ``dy``, ``x`` [M, N] and the forward's 1/rms: -> (dx, dw). With ``code_scale``,
     ``x`` is instead the forward's int8 codes of RMSNorm(x)*weight and ``code_scale`` their per-row scale
-    (the STE gradient then uses the quantized x_hat). dx is in ``out_dtype`` (default: x's dtype)."""
-    return _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, None, ACT_EPS)[:2]
+    (the STE gradient then uses the quantized x_hat). dx is in ``out_dtype`` (default: x's dtype).
+    ``overwrite_dy``: dx is written into dy's memory (dy must then be rows of dx's dtype), one [M, N] buffer less."""
+    return _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, None, ACT_EPS,
+                             overwrite_dy=overwrite_dy)[:2]
 
 
 def rmsnorm_backward_and_dequantize(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                                     act_eps: float, dequantized_dtype: torch.dtype,
-                                    code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+                                    code_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                                    overwrite_dy: bool = False):
     """``rmsnorm_backward`` that also returns the forward's quantized SubLN output as codes * scale in
     ``dequantized_dtype`` (the BitLinear weight-gradient GEMM's operand), written while x is in registers: one pass
     over x in the backward instead of two. From x (not codes), ``rstd`` must be the forward's own 1/rms (the codes
     are rebuilt bit for bit from it). -> (dx, dw, dequantized [M, N])."""
-    return _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps)
+    return _rmsnorm_backward(dy, x, weight, rstd, code_scale, out_dtype, dequantized_dtype, act_eps,
+                             overwrite_dy=overwrite_dy)[:3]
+
+
+def rmsnorm_backward_and_absmax(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                                act_eps: float, out_dtype: torch.dtype | None = None, overwrite_dy: bool = False):
+    """``rmsnorm_backward`` from x that also returns each row's absmax of the SubLN output (fp32 [M], the forward's
+    quantization scale * 127, bit for bit): with it, ``rmsnorm_dequantize_columns`` rebuilds the dequantized codes a
+    column block at a time, where ``rmsnorm_backward_and_dequantize`` writes all [M, N] of them at once.
+    -> (dx, dw, absmax)."""
+    dx, dw, _, absmax = _rmsnorm_backward(dy, x, weight, rstd, None, out_dtype, None, act_eps, write_absmax=True,
+                                          overwrite_dy=overwrite_dy)
+    return dx, dw, absmax
+
+
+@triton.jit
+def _rmsnorm_dequantize_columns_kernel(x_ptr, w_ptr, rstd_ptr, absmax_ptr, out_ptr, n_rows, n_cols, col_start,
+                                       stride_x, stride_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The same elementwise products as the forward and the backward's _store_dequantized: the forward's codes.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + (col_start + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + col_start + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=1.0)
+    inv, scale = int8_row_scales(absmax)
+    store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], x * rstd[:, None] * w[None, :], inv, scale, mask,
+               True)
+
+
+def rmsnorm_dequantize_columns(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, absmax: torch.Tensor,
+                               start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns [start, stop) of the forward's quantized SubLN output, codes * scale in ``dtype`` [M, stop - start],
+    from rows ``x`` [M, N], the forward's 1/rms and ``rmsnorm_backward_and_absmax``'s absmax: bit for bit the same
+    columns of ``rmsnorm_backward_and_dequantize``'s output."""
+    m, n = x.shape
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"columns [{start}, {stop}) are not within the {n} columns of x")
+    out = torch.empty((m, stop - start), device=x.device, dtype=dtype)
+    if out.numel():
+        with on_device(x):
+            launch(_rmsnorm_dequantize_columns_kernel, (cdiv(m, DEQ_BLOCK_M), cdiv(stop - start, DEQ_BLOCK_N)),
+                   x, weight, rstd, absmax, out, m, stop - start, start, x.stride(0), out.stride(0),
+                   BLOCK_M=DEQ_BLOCK_M, BLOCK_N=DEQ_BLOCK_N, num_warps=4, enable_fp_fusion=False)
+    return out
 
 
 def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, act_eps: float = ACT_EPS):
