@@ -384,7 +384,7 @@ def rmsnorm_backward_and_absmax(dy: torch.Tensor, x: torch.Tensor, weight: torch
 @triton.jit
 def _rmsnorm_dequantize_columns_kernel(x_ptr, w_ptr, rstd_ptr, absmax_ptr, out_ptr, n_rows, n_cols, col_start,
                                        stride_x, stride_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The same elementwise products as the forward and the backward's _store_dequantized: the forward's codes.
+    # The backward's own _normalized_input and _store_dequantized on a column block: the forward's codes.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -393,9 +393,8 @@ def _rmsnorm_dequantize_columns_kernel(x_ptr, w_ptr, rstd_ptr, absmax_ptr, out_p
     w = tl.load(w_ptr + col_start + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
     absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=1.0)
-    inv, scale = int8_row_scales(absmax)
-    store_int8(out_ptr + rows[:, None] * stride_out + cols[None, :], x * rstd[:, None] * w[None, :], inv, scale, mask,
-               True)
+    x_hat = _normalized_input(x, rstd, rstd, w, False)
+    _store_dequantized(out_ptr + rows[:, None] * stride_out + cols[None, :], x, x_hat, w, rstd, absmax, mask, False)
 
 
 def rmsnorm_dequantize_columns(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, absmax: torch.Tensor,
