@@ -51,6 +51,7 @@ class ConvertSection:
 @dataclass
 class CorpusSection:
     file: str | None = None             # a local .jsonl/.json/.csv/.parquet
+    files: list = field(default_factory=list)   # more local files, read after `file` (same text_column)
     name: str | None = None             # or a hub dataset
     subset: str | None = None
     split: str = "train"
@@ -166,6 +167,8 @@ def parse_config(cfg: dict) -> PipelineConfig:
     out.pretrain = PretrainSection(**_typed(PretrainSection, pre_own, "pretrain."),
                                    corpus=CorpusSection(**_typed(CorpusSection, corpus, "pretrain.corpus.")),
                                    train={k: v for k, v in pre.items() if k in train_names})
+    if not all(isinstance(f, str) for f in out.pretrain.corpus.files):
+        raise ValueError(f"pretrain.corpus.files must be a list of file paths, got {out.pretrain.corpus.files!r}")
     if out.pretrain.block_size < 2:
         raise ValueError(f"pretrain.block_size must be an integer >= 2, got {out.pretrain.block_size}")
     if out.pretrain.token_budget is not None and out.pretrain.token_budget < 1:

@@ -13,6 +13,7 @@ Over-long prompts are cut from the end of their longest field (the template's te
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -215,11 +216,16 @@ def pack_corpus(tokenizer, texts: Iterable[str], block_size: int, token_budget: 
     """Concatenate texts (EOS between them) and cut into ``block_size`` blocks, stopping at ``token_budget``."""
     stream, blocks = [], []
     limit = math.inf if not token_budget else token_budget
-    for text in texts:
-        stream += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-        while len(stream) >= block_size and len(blocks) * block_size < limit:
-            block, stream = stream[:block_size], stream[block_size:]
-            blocks.append({"input_ids": block, "labels": list(block)})
+    texts = iter(texts)
+    # Encoded a chunk at a time: a fast tokenizer's batch call is many times quicker than one call per text.
+    while chunk := list(itertools.islice(texts, 1024)):
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            stream += ids + [tokenizer.eos_token_id]
+            while len(stream) >= block_size and len(blocks) * block_size < limit:
+                block, stream = stream[:block_size], stream[block_size:]
+                blocks.append({"input_ids": block, "labels": list(block)})
+            if len(blocks) * block_size >= limit:
+                break
         if len(blocks) * block_size >= limit:
             break
     if not blocks:

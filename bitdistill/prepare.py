@@ -1,6 +1,6 @@
 """Real models and data from installed packages, for machines that reach no model or dataset hub.
 
-    python -m bitdistill.prepare smollm2 tweets fine-foods corpus [--out data]
+    python -m bitdistill.prepare smollm2 tweets fine-foods corpus docs [--out data]
 
 installs nothing: each source reads a package that must already be installed, and names the package when it is not.
 
@@ -13,6 +13,9 @@ installs nothing: each source reads a package that must already be installed, an
               reviews with the package's own split (4,000 train / 1,000 test), labels ``great`` / ``other``.
   corpus      Stage-2 text: Debian ``r-cran-janeaustenr`` (six novels) and, when installed, ``bible-kjv`` (the King
               James Bible through its ``bible`` program), one paragraph per line in ``<out>/corpus/english.jsonl``.
+  docs        More Stage-2 text: the prose paragraphs of the reStructuredText sources of Debian ``python3.11-doc``
+              and ``linux-doc-6.1`` (whichever are installed, at least one), markup stripped, code blocks and tables
+              dropped, in ``<out>/corpus/docs.jsonl`` (add it with ``pretrain.corpus.files``).
 
 Every output is written to a temporary name and renamed when complete, and ``<out>/MANIFEST.json`` records each
 file's sha256, row counts and the split seed, so a run can say exactly which data it saw.
@@ -34,7 +37,10 @@ import sys
 import zlib
 from pathlib import Path
 
-SOURCES = ("smollm2", "tweets", "fine-foods", "corpus")
+SOURCES = ("smollm2", "tweets", "fine-foods", "corpus", "docs")
+# Debian documentation packages whose Sphinx builds ship their reST sources (<package>: <dir>).
+DOC_PACKAGES = {"python3.11-doc": "/usr/share/doc/python3.11/html/_sources",
+                "linux-doc-6.1": "/usr/share/doc/linux-doc-6.1/html/_sources"}
 SPLIT_SEED = 1234
 TWEETS_EVAL = 2000
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -212,6 +218,69 @@ def prepare_corpus(out: Path) -> dict:
                                                     [{"text": p} for p in paragraphs])}
 
 
+def prepare_docs(out: Path, packages: dict[str, str] | None = None) -> dict:
+    packages = DOC_PACKAGES if packages is None else packages
+    present = {name: Path(d) for name, d in packages.items() if Path(d).is_dir()}
+    if not present:
+        raise MissingSourceError("no documentation package is installed: apt-get install "
+                                 + " ".join(packages) + " (one is enough)")
+    paragraphs, sources = [], []
+    for name, root in present.items():
+        files = sorted(root.rglob("*.rst.txt"))
+        before = len(paragraphs)
+        for f in files:
+            paragraphs += rst_prose_paragraphs(f.read_text(encoding="utf-8", errors="replace").splitlines())
+        sources.append(f"{name} ({len(files)} reST files, {len(paragraphs) - before} paragraphs)")
+    return {"sources": sources, "file": write_jsonl(out / "corpus" / "docs.jsonl", [{"text": p} for p in paragraphs])}
+
+
+_RST_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)(?:\s*<[^>]*>)?`")   # :func:`name <target>` -> name
+_RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`_{1,2}")             # `text <url>`_ -> text
+_RST_MARK = re.compile(r"``|\*\*|(?<!\w)[*`]|[*`](?!\w)|`_{1,2}|\|")
+
+
+_RST_LITERAL = re.compile(r"\.\.\s+(code-block|code|sourcecode|doctest|testcode|testoutput|productionlist|highlight|"
+                          r"literalinclude|table|csv-table|list-table|math|graphviz|kernel-doc|kernel-feat|"
+                          r"toctree|raw|image|figure|parsed-literal|flat-table)::")
+
+
+def rst_prose_paragraphs(lines: list[str], min_chars: int = 40) -> list[str]:
+    """Paragraphs of running text of a reST file. Literal blocks (after ``::``) and code, table, math and
+    toctree directives are dropped with everything indented under them; other directives (notes, function
+    descriptions) lose their own line and keep their body. Headings, comments and symbol-heavy paragraphs go;
+    inline markup is removed."""
+    kept, skip_above = [], None
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        if skip_above is not None:
+            if not line.strip() or indent > skip_above:
+                continue
+            skip_above = None
+        stripped = line.strip()
+        if _RST_LITERAL.match(stripped) or stripped.endswith("::") or stripped.startswith(".. |"):
+            skip_above = indent
+            if not (_RST_LITERAL.match(stripped) or stripped.startswith("..") or stripped == "::"):
+                kept.append(stripped)   # "For example::" ends its paragraph; the literal block is skipped
+            kept.append("")
+            continue
+        if stripped.startswith("..") or re.match(r":[\w -]+:(\s|$)", stripped):   # directives, field lists
+            kept.append("")
+            continue
+        kept.append(stripped)
+    out = []
+    for para in _paragraphs(kept):
+        if para.startswith((">>>", "$ ", "+-", "=")) or re.fullmatch(r"[\W_]+(\s+[\W_]+)*", para):
+            continue
+        # A heading is its title and an underline of one repeated punctuation character.
+        para = re.sub(r"\s+([=\-~^\"'`#*+.:]){3,}(\s|$)", " ", " " + para + " ").strip()
+        text = _RST_MARK.sub("", _RST_LINK.sub(r"\1", _RST_ROLE.sub(r"\1", para)))
+        text = re.sub(r"::$", ":", re.sub(r"\s+", " ", text)).strip()
+        letters = sum(c.isalpha() or c == " " for c in text)
+        if len(text) >= min_chars and letters >= 0.8 * len(text):
+            out.append(text)
+    return out
+
+
 def _paragraphs(lines: list[str]) -> list[str]:
     """Blank-line separated paragraphs, each joined to one line."""
     out, current = [], []
@@ -250,7 +319,8 @@ def main(argv=None) -> dict:
     manifest_path = out / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     steps = {"smollm2": lambda: prepare_smollm2(out, a.gguf, a.layers), "tweets": lambda: prepare_tweets(out),
-             "fine-foods": lambda: prepare_fine_foods(out), "corpus": lambda: prepare_corpus(out)}
+             "fine-foods": lambda: prepare_fine_foods(out), "corpus": lambda: prepare_corpus(out),
+             "docs": lambda: prepare_docs(out)}
     for source in a.sources:
         try:
             key = source + (f"-{a.layers}l" if source == "smollm2" and a.layers else "")

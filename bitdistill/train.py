@@ -11,6 +11,7 @@ summary table FP-SFT / BitNet-SFT / BitDistill. ``--set a.b=value`` overrides an
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -122,6 +123,8 @@ def build_pretrain(cfg: PipelineConfig, ctx: dict) -> StageSetup:
     model = _converted_base(cfg, ctx)
     pre, corpus = cfg.pretrain, cfg.pretrain.corpus
     texts = load_corpus_texts(corpus.file, corpus.name, corpus.subset, corpus.split, corpus.text_column)
+    for extra in corpus.files:
+        texts = itertools.chain(texts, load_corpus_texts(extra, text_column=corpus.text_column))
     examples = pack_corpus(ctx["tokenizer"], texts, pre.block_size, pre.token_budget)
     ctx["accelerator"].print(f"[pretrain] {len(examples)} blocks x {pre.block_size} tokens")
     return StageSetup(model, examples, causal_lm_loss)

@@ -98,3 +98,11 @@ def test_pack_corpus_respects_block_and_budget(tok):
     assert len(blocks) == 5 and all(len(b["input_ids"]) == 8 == len(b["labels"]) for b in blocks)
     with pytest.raises(DataError, match="no full block"):
         pack_corpus(tok, ["hi"], block_size=64, token_budget=None)
+
+
+def test_pack_corpus_encodes_in_chunks_as_one_text_at_a_time(tok):
+    texts = [f"the movie number {i} was {'great' if i % 3 else 'bad'}." for i in range(2500)]
+    stream = [t for text in texts for t in tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]]
+    blocks = pack_corpus(tok, iter(texts), block_size=16, token_budget=None)
+    assert [b["input_ids"] for b in blocks] == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
+    assert len(pack_corpus(tok, texts, block_size=16, token_budget=16 * 70)) == 70
