@@ -10,11 +10,16 @@ difference. llama.cpp also generates greedily on its own from the prompt: the fr
 positions equal to the student's and the first one that differs. Whether llama.cpp's own tokenization of the text
 equals the HF tokenizer's is reported too.
 
+The same is done for the student with llama.cpp's activation quantization in place of our per-token int8
+(``llama_cpp_activation_blocks``): its greedy tokens against the student's say how much of a greedy mismatch the
+runtime's quantization alone explains, and llama.cpp's logits against it how much is left for the export.
+
 ``make_llama_student`` builds the small random Llama-architecture student (SubLN, tied embedding, byte-level BPE
 tokenizer) that the tests and the benchmark use.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import numpy as np
@@ -58,6 +63,37 @@ def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def llama_cpp_activation_blocks(model):
+    """The model's BitLinears quantize activations as llama.cpp's CPU dot products do, instead of per token: int8
+    codes with one scale per block of 256 (Q8_K, the operand of TQ1_0 / TQ2_0 weights) where the row length is a
+    multiple of 256, else per block of 32 with an fp16 scale (Q8_0, the type the export gives such rows)."""
+    from bitkernels import BitLinear
+    from bitkernels.functional import ternarize_absmean
+
+    def blocked(m: BitLinear, x: torch.Tensor) -> torch.Tensor:
+        h = (x if m.subln is None else m.subln(x)).float()
+        k = h.shape[-1]
+        block = 256 if k % 256 == 0 else 32
+        hb = h.reshape(-1, k // block, block)
+        d = hb.abs().amax(-1, keepdim=True) / 127
+        if block == 32:
+            d = d.half().float()
+        hq = (torch.round(hb / d.clamp_min(1e-30)).clamp(-127, 127) * d).reshape(h.shape)
+        codes, scale = ternarize_absmean(m.weight.float(), m.per_channel, backend="torch")
+        y = torch.nn.functional.linear(hq, codes.float() * scale.float().reshape(-1, 1))
+        return (y if m.bias is None else y + m.bias.float()).to(x.dtype)
+
+    patched = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize and not m.frozen]
+    for m in patched:
+        m.forward = lambda x, m=m: blocked(m, x)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32, n_threads: int | None = None,
             model=None, prompt_ids: list[list[int]] | None = None) -> dict:
     """The comparison above, per prompt and overall. ``prompt_ids``: token ids instead of text (no tokenizer
@@ -85,6 +121,9 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
         own = llama_greedy(llm, ids, n_tokens)
         student_new = seq[P:P + n_tokens].tolist()
         equal = [a == b for a, b in zip(own, student_new)]
+        with llama_cpp_activation_blocks(model), torch.inference_mode():
+            blocks_new = greedy_generate(model, torch.tensor([ids]), n_tokens, loop="hf")["tokens"][0][P:P + n_tokens].tolist()
+            blocks = model(input_ids=seq[None]).logits[0, P - 1:P - 1 + n_tokens].float().numpy()
         same_tokens = None
         if tokenizer is not None:
             llama_ids = llm.tokenize(prompt.encode(), add_bos=bool(ids) and ids[0] == tokenizer.bos_token_id,
@@ -97,8 +136,12 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
                      "logits_max_abs": float(np.abs(ref).max()),
                      "greedy_equal_frac": float(np.mean(equal)),
                      "first_differing_token": next((j for j, e in enumerate(equal) if not e), None),
+                     "blocks_greedy_equal_frac": float(np.mean([a == b for a, b in zip(blocks_new, student_new)])),
+                     "blocks_logits_rel_err": float(np.linalg.norm(blocks - ref) / np.linalg.norm(ref)),
+                     "llama_vs_blocks_logits_rel_err": float(np.linalg.norm(got - blocks) / np.linalg.norm(blocks)),
                      "tokenization_equal": same_tokens})
-    keys = ("argmax_agree", "logits_rel_err", "greedy_equal_frac")
+    keys = ("argmax_agree", "logits_rel_err", "greedy_equal_frac", "blocks_greedy_equal_frac",
+            "blocks_logits_rel_err", "llama_vs_blocks_logits_rel_err")
     return {"gguf": str(gguf_path), "n_tokens": n_tokens, "prompts": rows,
             **{f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in keys},
             "max_logits_rel_err": max(r["logits_rel_err"] for r in rows),
@@ -179,5 +222,8 @@ def format_report(r: dict) -> str:
                      f"{p['first_differing_token']}), tokenization equal {p['tokenization_equal']}")
     lines.append(f"mean argmax agreement {r['mean_argmax_agree']:.3f}, mean greedy equal {r['mean_greedy_equal_frac']:.3f}, "
                  f"logits rel err mean {r['mean_logits_rel_err']:.2e} / max {r['max_logits_rel_err']:.2e}")
+    lines.append(f"with llama.cpp's activation blocks in PyTorch: greedy equal {r['mean_blocks_greedy_equal_frac']:.3f}, "
+                 f"logits rel err {r['mean_blocks_logits_rel_err']:.2e} (llama.cpp against it "
+                 f"{r['mean_llama_vs_blocks_logits_rel_err']:.2e})")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from cpu_ref.gguf_check import compare, llama_cpp_available, make_llama_student  # noqa: E402
+from cpu_ref.gguf_check import compare, llama_cpp_activation_blocks, llama_cpp_available, make_llama_student  # noqa: E402
 from cpu_ref.gguf_export import GGUFExportError, export_gguf, representability_problems  # noqa: E402
 from cpu_ref.gguf_reader import GGUFError, read_gguf  # noqa: E402
 
@@ -257,3 +257,24 @@ def test_classify_gguf_bad_input_is_a_clear_error(models, tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"")
     with pytest.raises(SystemExit, match="classify-gguf: config file 'nope.yaml' does not exist"):
         main(["classify-gguf", str(tmp_path / "x.gguf"), student, "--config", "nope.yaml"])
+
+
+@pytest.mark.parametrize("in_features,block", [(512, 256), (96, 32)])
+def test_llama_cpp_activation_blocks_quantize_per_block_and_restore(in_features, block):
+    from bitkernels import BitLinear
+    from bitkernels.reference import ternarize_absmean
+
+    torch.manual_seed(0)
+    m = BitLinear(in_features, 8, bias=True, subln=True, backend="torch")
+    x = torch.randn(3, in_features) * torch.linspace(0.1, 4, in_features)   # blocks of very different ranges
+    per_token = m(x)
+    h = m.subln(x).reshape(3, -1, block)
+    d = h.abs().amax(-1, keepdim=True) / 127
+    d = d.half().float() if block == 32 else d
+    codes, scale = ternarize_absmean(m.weight)
+    want = (torch.round(h / d) * d).reshape(3, -1) @ (codes.float() * scale).T + m.bias
+    with llama_cpp_activation_blocks(m):
+        got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - per_token).abs().max() > 1e-3   # the blocks are not per-token quantization
+    torch.testing.assert_close(m(x), per_token, rtol=0, atol=0)   # restored on exit
