@@ -122,7 +122,8 @@ def build_bitnet_sft(cfg: PipelineConfig, ctx: dict) -> StageSetup:
 def build_pretrain(cfg: PipelineConfig, ctx: dict) -> StageSetup:
     model = _converted_base(cfg, ctx)
     pre, corpus = cfg.pretrain, cfg.pretrain.corpus
-    texts = load_corpus_texts(corpus.file, corpus.name, corpus.subset, corpus.split, corpus.text_column)
+    texts = [] if corpus.files and not (corpus.file or corpus.name) else \
+        load_corpus_texts(corpus.file, corpus.name, corpus.subset, corpus.split, corpus.text_column)
     for extra in corpus.files:
         texts = itertools.chain(texts, load_corpus_texts(extra, text_column=corpus.text_column))
     examples = pack_corpus(ctx["tokenizer"], texts, pre.block_size, pre.token_budget)

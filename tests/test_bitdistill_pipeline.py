@@ -137,3 +137,21 @@ def test_bad_override_and_unknown_stage(tmp_path):
         run(tmp_path, "--stages", "sft", "--set", "train.lr=fast")
     with pytest.raises(ValueError, match="compile must be null or one of"):
         run(tmp_path, "--stages", "sft", "--set", "train.compile=fast")
+
+
+def test_pretrain_reads_the_extra_corpus_files_after_the_main_one(tmp_path, monkeypatch):
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("\n".join(json.dumps({"text": f"extra paragraph {i}."}) for i in range(3)) + "\n")
+    seen = []
+
+    def recording_pack(tokenizer, texts, block_size, token_budget):
+        seen.extend(texts)
+        return T_pack(tokenizer, seen, block_size, token_budget)
+
+    T_pack = T.pack_corpus
+    monkeypatch.setattr(T, "pack_corpus", recording_pack)
+    run(tmp_path / "a", "--stages", "pretrain", "--set", "train.max_steps=1",
+        "--set", f"pretrain.corpus.files=[{extra}]")
+    assert seen[-3:] == [f"extra paragraph {i}." for i in range(3)] and len(seen) > 3
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        run(tmp_path / "b", "--stages", "pretrain", "--set", f"pretrain.corpus.files=[{tmp_path / 'missing.jsonl'}]")
