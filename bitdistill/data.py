@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -212,20 +212,23 @@ def encode_example(tokenizer, spec: TaskSpec, example: dict, with_answer: bool =
             "prompt_length": len(prompt)}
 
 
+def _encoded(tokenizer, texts: Iterable[str], chunk: int = 1024) -> Iterator[list[int]]:
+    """Token ids of each text, in order, encoded ``chunk`` texts a call: a fast tokenizer's batch call is many times
+    quicker than one call per text, and a stream is read only a chunk ahead of the consumer."""
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, chunk)):
+        yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+
 def pack_corpus(tokenizer, texts: Iterable[str], block_size: int, token_budget: int | None) -> list[dict]:
     """Concatenate texts (EOS between them) and cut into ``block_size`` blocks, stopping at ``token_budget``."""
     stream, blocks = [], []
     limit = math.inf if not token_budget else token_budget
-    texts = iter(texts)
-    # Encoded a chunk at a time: a fast tokenizer's batch call is many times quicker than one call per text.
-    while chunk := list(itertools.islice(texts, 1024)):
-        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            stream += ids + [tokenizer.eos_token_id]
-            while len(stream) >= block_size and len(blocks) * block_size < limit:
-                block, stream = stream[:block_size], stream[block_size:]
-                blocks.append({"input_ids": block, "labels": list(block)})
-            if len(blocks) * block_size >= limit:
-                break
+    for ids in _encoded(tokenizer, texts):
+        stream += ids + [tokenizer.eos_token_id]
+        while len(stream) >= block_size and len(blocks) * block_size < limit:
+            block, stream = stream[:block_size], stream[block_size:]
+            blocks.append({"input_ids": block, "labels": list(block)})
         if len(blocks) * block_size >= limit:
             break
     if not blocks:

@@ -259,7 +259,7 @@ def rst_prose_paragraphs(lines: list[str], min_chars: int = 40) -> list[str]:
         stripped = line.strip()
         if _RST_LITERAL.match(stripped) or stripped.endswith("::") or stripped.startswith(".. |"):
             skip_above = indent
-            if not (_RST_LITERAL.match(stripped) or stripped.startswith("..") or stripped == "::"):
+            if not (stripped.startswith("..") or stripped == "::"):   # every _RST_LITERAL line starts with ".."
                 kept.append(stripped)   # "For example::" ends its paragraph; the literal block is skipped
             kept.append("")
             continue

@@ -71,7 +71,7 @@ def llama_cpp_activation_blocks(model):
     from bitkernels import BitLinear
     from bitkernels.functional import ternarize_absmean
 
-    def blocked(m: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    def blocked(m: BitLinear, w_deq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = (x if m.subln is None else m.subln(x)).float()
         k = h.shape[-1]
         block = 256 if k % 256 == 0 else 32
@@ -80,13 +80,17 @@ def llama_cpp_activation_blocks(model):
         if block == 32:
             d = d.half().float()
         hq = (torch.round(hb / d.clamp_min(1e-30)).clamp(-127, 127) * d).reshape(h.shape)
-        codes, scale = ternarize_absmean(m.weight.float(), m.per_channel, backend="torch")
-        y = torch.nn.functional.linear(hq, codes.float() * scale.float().reshape(-1, 1))
+        y = torch.nn.functional.linear(hq, w_deq)
         return (y if m.bias is None else y + m.bias.float()).to(x.dtype)
+
+    def ternary_weight(m: BitLinear) -> torch.Tensor:
+        # Once per module, not per call: generation runs every linear once a token.
+        codes, scale = ternarize_absmean(m.weight.float(), m.per_channel, backend="torch")
+        return codes.float() * scale.float().reshape(-1, 1)
 
     patched = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize and not m.frozen]
     for m in patched:
-        m.forward = lambda x, m=m: blocked(m, x)
+        m.forward = lambda x, m=m, w_deq=ternary_weight(m): blocked(m, w_deq, x)
     try:
         yield model
     finally:
