@@ -1,0 +1,98 @@
+"""What the K-blocked weight gradient costs: BitLinear's fwd+bwd step with ``GRAD_WEIGHT_BLOCK_BYTES`` at its
+default and raised so the step runs unblocked, beside plain RMSNorm + nn.Linear (eager and compiled), same tensors.
+
+    python bench/tools/ab_grad_weight_block.py [--shapes 8192x2048x6144,8192x2560x9728] [--repeats 5] [--out p.json]
+
+Passes alternate over the settings (single passes drift on a shared host); the table shows each setting's median
+over passes of do_bench medians, and the step's peak memory above what was held before it (bench/harness.py's
+measure, as compare.py's). Gradients of the two settings are compared first. CUDA only. Writes JSON with device,
+date and commit (default bench/results/<device>-<date>-grad-weight-block-ab.json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import pathlib
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from bench.harness import parse_shapes, peak_memory_bytes, time_ms, warm_up, write_results  # noqa: E402
+from bench.suites.bitlinear import EPS, _fwd_bwd, plain, training_inputs  # noqa: E402
+
+DEFAULT_SHAPES = "8192x2048x6144,8192x2560x9728,8192x9728x2560"
+UNBLOCKED = 1 << 62
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="TOKENSxINxOUT list")
+    p.add_argument("--repeats", type=int, default=5, help="alternating passes over the settings")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device: the blocking trades GPU memory for GPU time")
+    from bitkernels import ops
+    from bitkernels.ops import bitlinear_impl
+
+    device = torch.device("cuda")
+    default_bytes = bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES
+    settings = {f"ours_block_{default_bytes >> 20}MiB": default_bytes, "ours_unblocked": UNBLOCKED}
+    plain_c = torch.compile(plain, dynamic=False)
+    rows = []
+    for tokens, k, n in parse_shapes(args.shapes):
+        x, w, nw, dy = training_inputs(tokens, k, n, device)
+        block_columns = bitlinear_impl.grad_weight_block_columns(tokens, k, x.dtype)
+        ours = _fwd_bwd(lambda: ops.bitlinear(x, w, None, nw, EPS), (x, w, nw), dy)
+        steps = {"plain_eager": _fwd_bwd(lambda: plain(x, nw, w), (x, w, nw), dy),
+                 "plain_compile": _fwd_bwd(lambda: plain_c(x, nw, w), (x, w, nw), dy)}
+
+        def with_block(nbytes, fn=ours):
+            def run():
+                bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES = nbytes
+                try:
+                    return fn()
+                finally:
+                    bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES = default_bytes
+            return run
+        steps.update({name: with_block(nbytes) for name, nbytes in settings.items()})
+
+        grads = {}
+        for name in settings:
+            steps[name]()
+            grads[name] = [t.grad.float().clone() for t in (x, w, nw)]
+        a, b = grads.values()
+        rel = [float((u - v).norm() / v.norm().clamp_min(1e-30)) for u, v in zip(a, b)]
+        del grads, a, b
+
+        warm_up(steps, device)
+        samples = {name: [] for name in steps}
+        for _ in range(args.repeats):
+            for name, fn in steps.items():
+                samples[name].append(time_ms(fn, device))
+        peaks = {name: peak_memory_bytes(fn, device) for name, fn in steps.items()}
+        row = {"shape": [tokens, k, n], "block_columns": block_columns, "grad_rel_l2_x_w_nw": rel,
+               "ms": {name: statistics.median(v) for name, v in samples.items()}, "ms_passes": samples,
+               "peak_MiB": {name: v / 2**20 for name, v in peaks.items()}}
+        rows.append(row)
+        plain_ms = row["ms"]["plain_compile"]
+        print(f"{tokens}x{k}x{n} (blocks of {block_columns} columns; grads rel L2 x/w/nw "
+              + "/".join(f"{r:.1e}" for r in rel) + ")")
+        for name in steps:
+            print(f"  {name:<22} {row['ms'][name]:8.3f} ms  {row['ms'][name] / plain_ms:5.2f}x plain compiled"
+                  f"  peak {row['peak_MiB'][name]:7.1f} MiB")
+        del x, w, nw, dy
+        torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name()
+    meta = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
+            "repeats": args.repeats, "default_block_bytes": default_bytes}
+    path = write_results({"rows": rows, "meta": meta}, args.out, meta, "-grad-weight-block-ab")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
