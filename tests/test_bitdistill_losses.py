@@ -149,11 +149,11 @@ def authors_relation_loss(qkv_t, qkv_s, heads, layers=1):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_relation_loss_equals_the_authors_code(backend):
+def test_relation_loss_equals_the_authors_code(backend, device):
     torch.manual_seed(0)
     b, l, heads = 2, 7, 4
-    qkv_t = [torch.randn(b, l, w) for w in (32, 16, 16)]        # teacher q, k, v widths
-    qkv_s = [torch.randn(b, l, w, requires_grad=True) for w in (16, 8, 8)]  # a narrower student
+    qkv_t = [torch.randn(b, l, w, device=device) for w in (32, 16, 16)]        # teacher q, k, v widths
+    qkv_s = [torch.randn(b, l, w, device=device, requires_grad=True) for w in (16, 8, 8)]  # a narrower student
     got = relation_distill_loss(qkv_t, qkv_s, heads, DistillConfig(), attention_mask=None, backend=backend)
     want = authors_relation_loss(qkv_t, qkv_s, heads)
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-9)  # their 1e-8 clamp: ~1e-7 relative here

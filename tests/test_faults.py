@@ -130,7 +130,8 @@ def test_two_ranks_stop_together_at_a_deadline_and_resume_bit_exact(tmp_path):
     """DDP on 2 CPU processes (gloo): only rank 1's clock passes the deadline, both stop after step 3; each rank
     restores its own RNG file; the resumed histories equal the uninterrupted ones."""
     pytest.importorskip("torch.distributed.run")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}   # gloo on CPU everywhere: two ranks cannot share one GPU under NCCL
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              __file__, "ddp", str(tmp_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
