@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import pathlib
 import statistics
 import sys
-import pathlib
 
 import torch
 
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     for tokens, k, n in parse_shapes(args.shapes):
         x, w, nw, dy = training_inputs(tokens, k, n, device)
         block_columns = bitlinear_impl.grad_weight_block_columns(tokens, k, x.dtype)
-        ours = _fwd_bwd(lambda: ops.bitlinear(x, w, None, nw, EPS), (x, w, nw), dy)
-        steps = {"plain_eager": _fwd_bwd(lambda: plain(x, nw, w), (x, w, nw), dy),
-                 "plain_compile": _fwd_bwd(lambda: plain_c(x, nw, w), (x, w, nw), dy)}
+        ours = _fwd_bwd(lambda x=x, w=w, nw=nw: ops.bitlinear(x, w, None, nw, EPS), (x, w, nw), dy)
+        steps = {"plain_eager": _fwd_bwd(lambda x=x, w=w, nw=nw: plain(x, nw, w), (x, w, nw), dy),
+                 "plain_compile": _fwd_bwd(lambda x=x, w=w, nw=nw: plain_c(x, nw, w), (x, w, nw), dy)}
 
         def with_block(nbytes, fn=ours):
             def run():
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         for name in steps:
             print(f"  {name:<22} {row['ms'][name]:8.3f} ms  {row['ms'][name] / plain_ms:5.2f}x plain compiled"
                   f"  peak {row['peak_MiB'][name]:7.1f} MiB")
-        del x, w, nw, dy
+        del x, w, nw, dy, ours, steps
         torch.cuda.empty_cache()
 
     name = torch.cuda.get_device_name()
