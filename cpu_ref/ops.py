@@ -6,10 +6,10 @@ import ctypes
 
 import torch
 
+from bitkernels._base import ACT_EPS  # the training side's epsilon: the same codes for an all-zero row
+
 from . import _build
 from .packing import i2_padded_k
-
-ACT_EPS = 1e-5  # bitkernels.reference.quantization.ACT_EPS
 
 
 def _threads(n_threads: int | None) -> int:
