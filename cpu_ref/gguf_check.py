@@ -69,7 +69,7 @@ def llama_cpp_activation_blocks(model):
     codes with one scale per block of 256 (Q8_K, the operand of TQ1_0 / TQ2_0 weights) where the row length is a
     multiple of 256, else per block of 32 with an fp16 scale (Q8_0, the type the export gives such rows)."""
     from bitkernels import BitLinear
-    from bitkernels.functional import ternarize_absmean
+    from bitkernels.reference import dequantize_int8, ternarize_absmean
 
     def blocked(m: BitLinear, w_deq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = (x if m.subln is None else m.subln(x)).float()
@@ -85,8 +85,7 @@ def llama_cpp_activation_blocks(model):
 
     def ternary_weight(m: BitLinear) -> torch.Tensor:
         # Once per module, not per call: generation runs every linear once a token.
-        codes, scale = ternarize_absmean(m.weight.float(), m.per_channel, backend="torch")
-        return codes.float() * scale.float().reshape(-1, 1)
+        return dequantize_int8(*ternarize_absmean(m.weight, m.per_channel), torch.float32)
 
     patched = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize and not m.frozen]
     for m in patched:
