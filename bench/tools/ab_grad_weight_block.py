@@ -2,11 +2,14 @@
 default and raised so the step runs unblocked, beside plain RMSNorm + nn.Linear (eager and compiled), same tensors.
 
     python bench/tools/ab_grad_weight_block.py [--shapes 8192x2048x6144,8192x2560x9728] [--repeats 5] [--out p.json]
+        [--kernels]
 
 Passes alternate over the settings (single passes drift on a shared host); the table shows each setting's median
 over passes of do_bench medians, and the step's peak memory above what was held before it (bench/harness.py's
 measure, as compare.py's). Gradients of the two settings are compared first. CUDA only. Writes JSON with device,
-date and commit (default bench/results/<device>-<date>-grad-weight-block-ab.json).
+date and commit (default bench/results/<device>-<date>-grad-weight-block-ab.json). ``--kernels`` adds, per setting,
+the step's GPU kernels from the profiler (time per step of each kernel name, no L2 flush): where the blocked
+setting's extra time goes.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="TOKENSxINxOUT list")
     p.add_argument("--repeats", type=int, default=5, help="alternating passes over the settings")
     p.add_argument("--out", default=None)
+    p.add_argument("--kernels", action="store_true", help="also each setting's GPU kernels per step (profiler)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device: the blocking trades GPU memory for GPU time")
@@ -76,6 +80,8 @@ def main(argv=None) -> int:
         row = {"shape": [tokens, k, n], "block_columns": block_columns, "grad_rel_l2_x_w_nw": rel,
                "ms": {name: statistics.median(v) for name, v in samples.items()}, "ms_passes": samples,
                "peak_MiB": {name: v / 2**20 for name, v in peaks.items()}}
+        if args.kernels:
+            row["kernels_us_per_step"] = {name: kernel_times(steps[name]) for name in settings}
         rows.append(row)
         plain_ms = row["ms"]["plain_compile"]
         print(f"{tokens}x{k}x{n} (blocks of {block_columns} columns; grads rel L2 x/w/nw "
@@ -83,6 +89,10 @@ def main(argv=None) -> int:
         for name in steps:
             print(f"  {name:<22} {row['ms'][name]:8.3f} ms  {row['ms'][name] / plain_ms:5.2f}x plain compiled"
                   f"  peak {row['peak_MiB'][name]:7.1f} MiB")
+        for name, table in row.get("kernels_us_per_step", {}).items():
+            print(f"  {name} kernels, us per step (total {sum(table.values()):.1f}):")
+            for kernel, us in sorted(table.items(), key=lambda kv: -kv[1]):
+                print(f"    {us:8.1f}  {kernel[:100]}")
         del x, w, nw, dy, ours, steps
         torch.cuda.empty_cache()
 
@@ -92,6 +102,23 @@ def main(argv=None) -> int:
     path = write_results({"rows": rows, "meta": meta}, args.out, meta, "-grad-weight-block-ab")
     print(f"wrote {path}")
     return 0
+
+
+def kernel_times(step, steps: int = 5) -> dict[str, float]:
+    """Microseconds per step of each GPU kernel name over ``steps`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / steps
+    return totals
 
 
 if __name__ == "__main__":
