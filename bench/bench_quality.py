@@ -290,8 +290,8 @@ def main(argv=None) -> int:
     deadline = time.time() + 60 * a.time_budget_min if a.time_budget_min else None
     started = time.time()
     status = 0
+    lrs, found = [], None
     try:
-        lrs = []
         if a.sweep:
             found = sweep(a.config, out, cfg, a.set, deadline, a.sweep_dev_examples, a.sweep_train_examples)
             lrs = [f"sft.lr={found['sft']}", f"bitnet_sft.lr={found['bitnet-sft']}",
@@ -319,6 +319,9 @@ def main(argv=None) -> int:
     payload = {"model": cfg.get("model", {}).get("name_or_path"), "task": cfg.get("task", {}).get("train_file") or
                cfg.get("task", {}).get("name"), "device": device_name(), "date": date, "seeds": seeds,
                "complete": status == 0, "rows": table, "goals": goals(table), "config": cfg,
+               # the sweep's choices override the config's learning rates (a user --set wins over both)
+               "sweep": found, "learning_rate_overrides": [x for x in lrs if x.split("=")[0] not in
+                                                           {u.split("=")[0] for u in a.set}],
                "wall_seconds_this_call": time.time() - started, "versions": _versions(), **git_provenance()}
     path = Path(a.results) / f"{name}-{date}.json"
     write_json(path, payload)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,22 @@ def read_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _override_value(value)
     return cfg
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _override_value(text: str):
+    """A ``--set`` value parsed as YAML, except that ``3e-05`` (how Python prints small floats) is a float: YAML 1.1
+    reads exponents without a dot as strings. A quoted value stays a string."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(text.strip()):
+        return float(value)
+    return value
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:

@@ -4,7 +4,7 @@
     python -m cpu_ref generate OUT_DIR --prompt "text" [--max-new-tokens 32] [--check STUDENT_DIR]
     python -m cpu_ref classify OUT_DIR --prompt "text" --labels yes,no   # or --ids 1,2 --label-ids 3,4
     python -m cpu_ref bench [--student STUDENT_DIR] [--preset qwen3-0.6b]   # bench/bench_cpu_ref.py
-    python -m cpu_ref export-gguf STUDENT_DIR out.gguf --type tq2_0|tq1_0 [--embed q8_0|f16|f32] [--strict]
+    python -m cpu_ref export-gguf STUDENT_DIR out.gguf --type tq2_0|tq1_0|i2_s [--embed q8_0|f16|f32] [--strict]
     python -m cpu_ref export-gguf FP_LLAMA_DIR out.gguf --type f16|q8_0|f32       # see cpu_ref/gguf_export.py
     python -m cpu_ref check-gguf STUDENT_DIR out.gguf [--prompts "a" "b"] [--tokens 32]  # needs llama-cpp-python
     python -m cpu_ref classify-gguf out.gguf STUDENT_DIR --config CONFIG [--limit N]      # task accuracy in llama.cpp
@@ -88,10 +88,11 @@ def main(argv=None) -> int:
     ex = sub.add_parser("export-gguf", help="a student (or FP Llama) -> GGUF for llama.cpp (cpu_ref/gguf_export.py)")
     ex.add_argument("model")
     ex.add_argument("out")
-    ex.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0", "f16", "q8_0", "f32"])
+    ex.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0", "i2_s", "f16", "q8_0", "f32"],
+                    help="i2_s: for bitnet.cpp (microsoft/BitNet), not stock llama.cpp")
     ex.add_argument("--embed", default="q8_0", choices=["q8_0", "f16", "f32"], help="token embedding / head type")
-    ex.add_argument("--strict", action="store_true", help="refuse rows that are not a multiple of 256 "
-                    "instead of storing them as Q8_0")
+    ex.add_argument("--strict", action="store_true", help="refuse rows that are not a multiple of 256 (i2_s: "
+                    "128) instead of storing them as Q8_0")
     ex.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
     ck = sub.add_parser("check-gguf", help="llama.cpp (llama-cpp-python) vs the PyTorch student")
     ck.add_argument("student")
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     ck.add_argument("--tokens", type=int, default=32)
     ck.add_argument("--threads", type=int, default=None)
     ck.add_argument("--json", default=None, help="also write the report here")
+    ck.add_argument("--bitnet-cpp", default=None, metavar="DIR", help="run the file in this built bitnet.cpp "
+                    "checkout (an I2_S file) instead of llama-cpp-python")
     cl = sub.add_parser("classify-gguf", help="accuracy of a GGUF in llama.cpp on a bitdistill config's eval split")
     cl.add_argument("gguf")
     cl.add_argument("tokenizer", help="directory of the student's HF tokenizer (the student directory)")
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
     cl.add_argument("--limit", type=int, default=None, help="only the first N eval rows")
     cl.add_argument("--threads", type=int, default=None)
     cl.add_argument("--json", default=None, help="also write the result here")
+    cl.add_argument("--bitnet-cpp", default=None, metavar="DIR", help="as check-gguf's")
     args = p.parse_args(argv)
 
     if args.cmd == "export-gguf":
@@ -125,8 +129,10 @@ def main(argv=None) -> int:
 
         from .gguf_check import DEFAULT_PROMPTS, compare, format_report
 
-        _require_llama_cpp(args.cmd)
-        r = compare(args.student, args.gguf, tuple(args.prompts or DEFAULT_PROMPTS), args.tokens, args.threads)
+        if args.bitnet_cpp is None:
+            _require_llama_cpp(args.cmd)
+        r = compare(args.student, args.gguf, tuple(args.prompts or DEFAULT_PROMPTS), args.tokens, args.threads,
+                    bitnet_cpp=args.bitnet_cpp)
         print(format_report(r))
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(r, indent=1))
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
 
         from .gguf_check import classification_accuracy
 
-        _require_llama_cpp(args.cmd)
+        if args.bitnet_cpp is None:
+            _require_llama_cpp(args.cmd)
         if not pathlib.Path(args.gguf).is_file():
             raise SystemExit(f"classify-gguf: {args.gguf} does not exist (write it with export-gguf)")
         try:
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
             rows = load_task_split(spec, "eval")[:args.limit]
         except (FileNotFoundError, DataError, ValueError) as exc:
             raise SystemExit(f"classify-gguf: {exc}") from exc
-        r = classification_accuracy(args.gguf, args.tokenizer, spec, rows, args.threads)
+        r = classification_accuracy(args.gguf, args.tokenizer, spec, rows, args.threads, args.bitnet_cpp)
         print(json.dumps(r))
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(r, indent=1))

@@ -14,12 +14,19 @@ The same is done for the student with llama.cpp's activation quantization in pla
 (``llama_cpp_activation_blocks``): its greedy tokens against the student's say how much of a greedy mismatch the
 runtime's quantization alone explains, and llama.cpp's logits against it how much is left for the export.
 
+An I2_S file runs in bitnet.cpp instead (microsoft/BitNet's llama.cpp fork; stock llama.cpp has no I2_S):
+``--bitnet-cpp DIR`` names a built checkout (DIR/3rdparty/llama.cpp/include, DIR/build/3rdparty/llama.cpp/src/
+libllama.so) and ``BitnetCpp`` drives it through a small C shim (bitnet_cpp_shim.c) compiled against its llama.h.
+There the ternary matmuls quantize activations per token, as the student does; the activation-block columns are
+still llama.cpp's blocks (those of the Q8_0 rows).
+
 ``make_llama_student`` builds the small random Llama-architecture student (SubLN, tied embedding, byte-level BPE
 tokenizer) that the tests and the benchmark use.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 
 import numpy as np
@@ -37,7 +44,95 @@ def llama_cpp_available() -> tuple[bool, str]:
     return True, getattr(llama_cpp, "__version__", "?")
 
 
-def load_llama(path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True):
+class BitnetCpp:
+    """A GGUF in bitnet.cpp, with the part of ``llama_cpp.Llama``'s interface that this module uses: ``reset``,
+    ``eval`` (next-token logits of each token appended to ``scores``), ``n_tokens``, ``tokenize``."""
+
+    def __init__(self, checkout, path, n_ctx: int = 512, n_threads: int | None = None):
+        import ctypes
+
+        self._c = ctypes
+        lib = ctypes.CDLL(str(build_bitnet_cpp_shim(checkout)))
+        lib.bk_open.restype = ctypes.c_void_p
+        lib.bk_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+        for name in ("bk_n_vocab", "bk_reset", "bk_close"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.bk_eval.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.bk_tokenize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        self._lib, self.n_ctx = lib, n_ctx
+        self._h = lib.bk_open(str(path).encode(), n_ctx, n_threads or 0)
+        if not self._h:
+            raise RuntimeError(f"bitnet.cpp could not load {path} (its log above says why)")
+        self.n_vocab = lib.bk_n_vocab(self._h)
+        self.scores: list[np.ndarray] = []
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.scores)
+
+    def reset(self):
+        self._lib.bk_reset(self._h)
+        self.scores = []
+
+    def eval(self, tokens):
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        if self.n_tokens + ids.size > self.n_ctx:
+            raise ValueError(f"{self.n_tokens + ids.size} tokens exceed the context of {self.n_ctx}")
+        out = np.empty((ids.size, self.n_vocab), np.float32)
+        rc = self._lib.bk_eval(self._h, ids.ctypes.data, ids.size, out.ctypes.data)
+        if rc:
+            raise RuntimeError(f"bitnet.cpp llama_decode returned {rc}")
+        self.scores.extend(out)
+
+    def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
+        out = np.empty(len(text) + 8, np.int32)
+        n = self._lib.bk_tokenize(self._h, text, int(add_bos), out.ctypes.data, out.size)
+        if n < 0:
+            raise RuntimeError("bitnet.cpp tokenize: buffer too short")
+        return out[:n].tolist()
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            self._lib.bk_close(self._h)
+            self._h = None
+
+
+def build_bitnet_cpp_shim(checkout) -> pathlib.Path:
+    """bitnet_cpp_shim.c compiled against a built bitnet.cpp checkout (cached per source and library)."""
+    import hashlib
+    import subprocess
+
+    from ._build import cache_dir
+
+    root = pathlib.Path(checkout)
+    llama = root / "3rdparty" / "llama.cpp"
+    libdir = root / "build" / "3rdparty" / "llama.cpp" / "src"
+    ggml_libdir = root / "build" / "3rdparty" / "llama.cpp" / "ggml" / "src"
+    header = llama / "include" / "llama.h"
+    if not header.is_file() or not (libdir / "libllama.so").is_file():
+        raise FileNotFoundError(f"{root}: not a built bitnet.cpp checkout (need {header} and {libdir / 'libllama.so'}; "
+                                "build it as its README says: setup_env.py, or cmake -B build && cmake --build build)")
+    src = pathlib.Path(__file__).with_name("bitnet_cpp_shim.c")
+    key = hashlib.sha256(src.read_bytes() + header.read_bytes() + str(libdir.resolve()).encode()).hexdigest()[:16]
+    out = cache_dir() / f"bitnet_cpp_shim-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        cmd = ["gcc", "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp), f"-I{llama / 'include'}",
+               f"-I{llama / 'ggml' / 'include'}", f"-L{libdir}", f"-L{ggml_libdir}", "-lllama", "-lggml",
+               f"-Wl,-rpath,{libdir.resolve()}", f"-Wl,-rpath,{ggml_libdir.resolve()}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"building the bitnet.cpp shim failed:\n{' '.join(cmd)}\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)
+    return out
+
+
+def load_llama(path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True, bitnet_cpp=None):
+    """llama-cpp-python's Llama on ``path``, or with ``bitnet_cpp`` (a built checkout) bitnet.cpp's runtime."""
+    if bitnet_cpp is not None:
+        return BitnetCpp(bitnet_cpp, path, n_ctx, n_threads)
     from llama_cpp import Llama
 
     kw = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
@@ -98,9 +193,10 @@ def llama_cpp_activation_blocks(model):
 
 
 def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32, n_threads: int | None = None,
-            model=None, prompt_ids: list[list[int]] | None = None) -> dict:
+            model=None, prompt_ids: list[list[int]] | None = None, bitnet_cpp=None) -> dict:
     """The comparison above, per prompt and overall. ``prompt_ids``: token ids instead of text (no tokenizer
-    needed; tokenization is then not compared). ``model``: the student, already loaded."""
+    needed; tokenization is then not compared). ``model``: the student, already loaded. ``bitnet_cpp``: a built
+    bitnet.cpp checkout to run the file in, instead of llama-cpp-python."""
     from bitdistill.convert import load_student
 
     from .runner import greedy_generate
@@ -113,7 +209,8 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
         ids_list = [tokenizer(p)["input_ids"] for p in prompts]
     else:
         tokenizer, ids_list, prompts = None, [list(map(int, i)) for i in prompt_ids], [None] * len(prompt_ids)
-    llm = load_llama(gguf_path, n_ctx=max(len(i) for i in ids_list) + n_tokens + 8, n_threads=n_threads)
+    llm = load_llama(gguf_path, n_ctx=max(len(i) for i in ids_list) + n_tokens + 8, n_threads=n_threads,
+                     bitnet_cpp=bitnet_cpp)
     rows = []
     for prompt, ids in zip(prompts, ids_list):
         P = len(ids)
@@ -145,13 +242,15 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
                      "tokenization_equal": same_tokens})
     keys = ("argmax_agree", "logits_rel_err", "greedy_equal_frac", "blocks_greedy_equal_frac",
             "blocks_logits_rel_err", "llama_vs_blocks_logits_rel_err")
-    return {"gguf": str(gguf_path), "n_tokens": n_tokens, "prompts": rows,
+    return {"gguf": str(gguf_path), "runtime": "bitnet.cpp" if bitnet_cpp is not None else "llama.cpp",
+            "n_tokens": n_tokens, "prompts": rows,
             **{f"mean_{k}": float(np.mean([r[k] for r in rows])) for k in keys},
             "max_logits_rel_err": max(r["logits_rel_err"] for r in rows),
             "tokenization_equal": None if tokenizer is None else all(r["tokenization_equal"] for r in rows)}
 
 
-def classification_accuracy(gguf_path, tokenizer_dir, spec, rows: list[dict], n_threads: int | None = None) -> dict:
+def classification_accuracy(gguf_path, tokenizer_dir, spec, rows: list[dict], n_threads: int | None = None,
+                            bitnet_cpp=None) -> dict:
     """Accuracy (and macro-F1) of the GGUF in llama.cpp on a classification split, scored as
     ``bitdistill.evaluate`` scores the PyTorch student: the restricted argmax over the label words' first tokens at
     the answer position, the prompt tokenized by the HF tokenizer (the same ids the student saw)."""
@@ -166,7 +265,7 @@ def classification_accuracy(gguf_path, tokenizer_dir, spec, rows: list[dict], n_
     encoded = [encode_example(tokenizer, spec, r, with_answer=False) for r in rows]
     n_ctx = max(e["prompt_length"] for e in encoded) + 8
     # logits_all: without it llama-cpp-python leaves `scores` unwritten (its sampler reads the logits itself)
-    llm = load_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True)
+    llm = load_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True, bitnet_cpp=bitnet_cpp)
     confusion = np.zeros((classes, classes))
     for row, enc in zip(rows, encoded):
         ids = list(map(int, enc["input_ids"][:enc["prompt_length"]]))

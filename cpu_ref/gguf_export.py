@@ -1,6 +1,6 @@
 """Export a bitdistill student (or its full-precision Llama teacher) to GGUF for stock llama.cpp.
 
-    python -m cpu_ref export-gguf STUDENT_DIR out.gguf --type tq2_0|tq1_0 [--embed q8_0|f16|f32] [--strict]
+    python -m cpu_ref export-gguf STUDENT_DIR out.gguf --type tq2_0|tq1_0|i2_s [--embed q8_0|f16|f32] [--strict]
     python -m cpu_ref export-gguf TEACHER_DIR out.gguf --type f16|q8_0|f32      # a plain FP Llama checkpoint
 
 The student goes to llama.cpp's ``bitnet`` architecture (LLM_ARCH_BITNET), which is a Llama block (RMSNorm, RoPE
@@ -20,6 +20,16 @@ student with SubLN maps onto it exactly, layer for layer:
               d = 1 and the codes as the int8 values (still lossless, 8.5 bits a weight) and is listed in the
               report; ``--strict`` refuses instead, naming the tensor.
     floats    norms in f32; the token embedding (also the head) in ``--embed`` (q8_0 default, f16, f32).
+
+``--type i2_s`` writes the same graph for bitnet.cpp (microsoft/BitNet's llama.cpp fork, whose ggml has type
+I2_S = 36 and file type 40; stock llama.cpp does not load it). I2_S is one fp32 scale per tensor, the one our
+per-tensor student has, and its matmul quantizes the activations to int8 per token (127 / absmax), as the student
+does. Its layout (ggml-bitnet-mad.cpp ``quantize_i2_s``): the tensor flattened, cut in blocks of 128 values, each
+32 bytes where byte j holds the 2-bit codes (value + 1) of values j, 32 + j, 64 + j and 96 + j at bits 6, 4, 2 and 0;
+then the scale as fp32 and 28 bytes of padding (``n / 4 + 32`` bytes in all). Rows must be a multiple of 128 (its dot
+product drops a row's tail). bitnet.cpp's standard (TL2) build has no ``<tensor>.scale`` tensors, so a linear whose
+rows are not a multiple of 128 goes to Q8_0 with the codes and d = the scale rounded to fp16 (relative error
+<= 2^-11, listed in the report); ``--strict`` refuses instead. Per-channel students are refused (one scale a tensor).
 
 What differs at run time is only the activation quantization: the student quantizes each token's whole row to int8
 (absmax / 127), llama.cpp's TQ / Q8_0 dot products quantize activations per 256- (Q8_K) or 32-value (Q8_0) block,
@@ -51,7 +61,10 @@ import warnings
 import numpy as np
 
 QK_K = 256
-TERNARY_TYPES = ("tq2_0", "tq1_0")
+TERNARY_TYPES = ("tq2_0", "tq1_0", "i2_s")
+I2_S_TYPE = 36        # bitnet.cpp's GGML_TYPE_I2_S
+I2_S_FILE_TYPE = 40   # bitnet.cpp's LLAMA_FTYPE_MOSTLY_I2_S
+I2_S_BLOCK = 128
 FP_TYPES = ("f16", "q8_0", "f32")
 EMBED_TYPES = ("q8_0", "f16", "f32")
 # convert_hf_to_gguf.py's get_vocab_base_pre: sha256 of str(tokenizer.encode(CHKTXT)) -> llama.cpp pre-tokenizer
@@ -123,6 +136,18 @@ def representability_problems(config, record: dict | None, param_names: list[str
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half rows -> llama.cpp's adjacent-pair RoPE rows (convert_hf_to_gguf.py LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def i2_s_bytes(codes: np.ndarray, scale: float) -> np.ndarray:
+    """I2_S bytes (uint8, ``codes.size // 4 + 32``) of int8 ``codes`` in {-1, 0, 1} with one float32 ``scale``."""
+    n = codes.size
+    if n % I2_S_BLOCK:
+        raise GGUFExportError(f"I2_S packs blocks of {I2_S_BLOCK} values; got {n}")
+    q = (codes.reshape(-1, 4, 32).astype(np.uint8) + 1)  # [block, value // 32 within the block, j]
+    packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
+    tail = np.zeros(32, np.uint8)
+    tail[:4] = np.frombuffer(np.float32(scale).tobytes(), np.uint8)
+    return np.concatenate([packed.reshape(-1), tail])
 
 
 def q8_0_blocks(values: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -294,6 +319,8 @@ def _ternary(gguf, codes: np.ndarray, scale: np.ndarray, kind: str, name: str, s
     rows, cols = codes.shape
     per_row = scale.size > 1
     note = None
+    if kind == "i2_s":
+        return _ternary_i2_s(codes, scale, name, strict)
     if cols % QK_K == 0:
         Q = gguf.GGMLQuantizationType.TQ2_0 if kind == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
         values = codes.astype(np.float32) * (scale.reshape(-1, 1) if per_row else np.float32(1.0))
@@ -307,10 +334,29 @@ def _ternary(gguf, codes: np.ndarray, scale: np.ndarray, kind: str, name: str, s
             raise GGUFExportError(f"{name}: rows of {cols} values fit neither {kind.upper()} (256) nor Q8_0 (32)")
         data = q8_0_blocks(codes, scale.reshape(-1) if per_row else np.ones(rows, np.float32))
         note = f"{name}: {cols} values a row (not a multiple of {QK_K}) -> Q8_0, codes with d=1"
-    out = [(name, data, Q)]
+    out = [(name, data, Q, None)]
     if not per_row:
-        out.append((name.removesuffix(".weight") + ".scale", np.asarray([scale.item()], np.float32), None))
+        out.append((name.removesuffix(".weight") + ".scale", np.asarray([scale.item()], np.float32), None, None))
     return out, note
+
+
+def _ternary_i2_s(codes: np.ndarray, scale: np.ndarray, name: str, strict: bool):
+    """As ``_ternary`` for bitnet.cpp's I2_S: the scale inside the tensor, no ``.scale`` tensor."""
+    rows, cols = codes.shape
+    if cols % I2_S_BLOCK == 0:
+        # int8 view: gguf-py only derives a shape from uint8 bytes of the types it knows; raw_shape gives it
+        return [(name, i2_s_bytes(codes, scale.item()).view(np.int8), I2_S_TYPE, (rows, cols))], None
+    if strict:
+        raise GGUFExportError(f"{name}: rows of {cols} values are not a multiple of {I2_S_BLOCK}, which I2_S "
+                              "needs (drop --strict to store such tensors as Q8_0 with the scale rounded to fp16)")
+    if cols % 32:
+        raise GGUFExportError(f"{name}: rows of {cols} values fit neither I2_S ({I2_S_BLOCK}) nor Q8_0 (32)")
+    s = np.float32(scale.item())
+    d = np.float16(s)
+    rel = abs(float(d) - float(s)) / max(abs(float(s)), 1e-30)
+    note = (f"{name}: {cols} values a row (not a multiple of {I2_S_BLOCK}) -> Q8_0, codes with d = fp16(scale) "
+            f"(relative rounding {rel:.1e})")
+    return [(name, q8_0_blocks(codes, np.full(rows, d, np.float32)), _gguf().GGMLQuantizationType.Q8_0, None)], note
 
 
 def export_student(student_dir, out, kind: str = "tq2_0", embed: str = "q8_0", strict: bool = False,
@@ -346,14 +392,18 @@ def export_student(student_dir, out, kind: str = "tq2_0", embed: str = "q8_0", s
     ternary = {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
                "ffn_up.weight", "ffn_down.weight"}
     per_channel = bool(record.get("per_channel"))
-    ftype = gguf.LlamaFileType.MOSTLY_TQ2_0 if kind == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0
+    if kind == "i2_s" and per_channel:
+        raise GGUFExportError(f"{student_dir}: per-channel scales: I2_S holds one scale a tensor (export it with "
+                              "--type tq2_0 or tq1_0, whose blocks carry the row scale)")
+    ftype = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
+             "i2_s": I2_S_FILE_TYPE}[kind]
     tensors, notes, used = [], [], set()
     for hf, g in (("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight")):
         if hf not in state:
             raise GGUFExportError(f"{student_dir}: no {hf} in the checkpoint")
         used.add(hf)
         data, raw = _float_tensor(gguf, state[hf].float().numpy(), embed if g == "token_embd.weight" else "f32")
-        tensors.append((g, data, raw))
+        tensors.append((g, data, raw, None))
     for i in range(n_layers):
         for suffix, g in LAYER_MAP.items():
             hf = f"model.layers.{i}.{suffix}"
@@ -368,11 +418,11 @@ def export_student(student_dir, out, kind: str = "tq2_0", embed: str = "q8_0", s
                 if note:
                     notes.append(note)
             else:
-                tensors.append((name, state[hf].float().numpy().astype(np.float32), None))
+                tensors.append((name, state[hf].float().numpy().astype(np.float32), None, None))
     left = sorted(set(state) - used)
     if left:
         raise GGUFExportError(f"{student_dir}: tensors with no place in llama.cpp's bitnet graph: {left[:6]}")
-    if per_channel:
+    if per_channel:  # (TQ types only: I2_S refused per-channel above)
         notes.append("per-channel scales: stored as each block's fp16 d (relative rounding <= 2^-11)")
     w = _Writer(out, "bitnet")
     try:
@@ -382,15 +432,16 @@ def export_student(student_dir, out, kind: str = "tq2_0", embed: str = "q8_0", s
                                                         "embed": embed, "per_channel": per_channel,
                                                         "notes": notes}))
         vocab = _vocab(w.w, student_dir, int(config.vocab_size), vocab, tokenizer_pre)
-        for name, data, raw in tensors:
-            w.w.add_tensor(name, data, raw_dtype=raw)
+        for name, data, raw, shape in tensors:
+            w.w.add_tensor(name, data, raw_shape=shape, raw_dtype=raw)
         w.commit()
     except BaseException:
         w.abort()
         raise
     for msg in vocab["warnings"]:
         warnings.warn(msg)
-    return {"out": str(out), "arch": "bitnet", "type": kind, "embed": embed, "bytes": pathlib.Path(out).stat().st_size,
+    return {"out": str(out), "arch": "bitnet", "runtime": "bitnet.cpp" if kind == "i2_s" else "llama.cpp",
+            "type": kind, "embed": embed, "bytes": pathlib.Path(out).stat().st_size,
             "n_tensors": len(tensors), "fallbacks": notes, "vocab": vocab}
 
 

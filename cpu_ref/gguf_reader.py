@@ -1,7 +1,7 @@
 """A small, strict GGUF reader (no dependency on gguf-py) for checking what ``cpu_ref.gguf_export`` wrote.
 
 It parses the header, the metadata and the tensor table of a GGUF v2/v3 file and decodes the tensor types the
-exporter writes: TQ1_0 and TQ2_0 (ternary, 256 values a block), Q8_0, F16, F32. Anything out of bounds, a wrong
+exporter writes: TQ1_0 and TQ2_0 (ternary, 256 values a block), bitnet.cpp's I2_S, Q8_0, F16, F32. Anything out of bounds, a wrong
 magic, an unknown type, a tensor whose data would run past the end of the file, or a size that does not match its
 type raises :class:`GGUFError` naming the file (and the tensor).
 
@@ -9,9 +9,11 @@ Ternary blocks (ggml's layout, ``ggml-common.h``):
 
     TQ1_0  54 bytes: qs[48] (5 trits a byte, base-3, scaled to 0..255), qh[4] (4 trits a byte), d (fp16)
     TQ2_0  66 bytes: qs[64] (4 values a byte, 2 bits each, value + 1), d (fp16)
+    I2_S   bitnet.cpp's type 36, per tensor: blocks of 128 values in 32 bytes (byte j: values j, 32 + j, 64 + j,
+           96 + j at bits 6, 4, 2, 0, each value + 1), then the fp32 scale and 28 bytes of padding: n / 4 + 32 bytes
 
-``ternary_codes`` returns the codes (int8 in {-1, 0, 1}) and the per-block fp16 scales, so a round trip can be
-checked bit for bit; ``dequantize`` returns ``codes * d`` as float32.
+``ternary_codes`` returns the codes (int8 in {-1, 0, 1}) and the per-block fp16 scales (I2_S: its one fp32 scale,
+shape [1, 1]), so a round trip can be checked bit for bit; ``dequantize`` returns ``codes * d`` as float32.
 """
 from __future__ import annotations
 
@@ -24,11 +26,18 @@ import numpy as np
 MAGIC = b"GGUF"
 QK_K = 256
 # ggml type id -> (name, values per block, bytes per block)
-TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 8: ("Q8_0", 32, 34), 34: ("TQ1_0", QK_K, 54), 35: ("TQ2_0", QK_K, 66)}
+TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 8: ("Q8_0", 32, 34), 34: ("TQ1_0", QK_K, 54), 35: ("TQ2_0", QK_K, 66),
+         36: ("I2_S", 128, 32)}  # I2_S: 32 bytes a 128-value block, plus 32 bytes a tensor (see tensor_nbytes)
 TYPE_IDS = {name: tid for tid, (name, _, _) in TYPES.items()}
 # GGUF metadata value types
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+
+
+def tensor_nbytes(type_id: int, n_values: int) -> int:
+    """Bytes of a tensor of ``n_values`` (a whole number of blocks) in ggml type ``type_id``."""
+    _, per_block, block_bytes = TYPES[type_id]
+    return n_values // per_block * block_bytes + (32 if TYPES[type_id][0] == "I2_S" else 0)
 
 
 class GGUFError(ValueError):
@@ -64,14 +73,19 @@ class GGUFFile:
             data = f.read(t.nbytes)
         if len(data) != t.nbytes:
             raise GGUFError(f"{self.path}: tensor {name!r} is truncated ({len(data)} of {t.nbytes} bytes)")
+        if t.type_name == "I2_S":  # one stream with the tensor's scale after it: not rows of blocks
+            return np.frombuffer(data, dtype=np.uint8)
         rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
         return np.frombuffer(data, dtype=np.uint8).reshape(rows, -1)
 
     def ternary_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(codes int8 [rows, cols] in {-1, 0, 1}, block scales float16 [rows, cols // 256]) of a TQ1_0/TQ2_0 tensor."""
         t = self._info(name)
+        if t.type_name == "I2_S":
+            return _decode_i2_s(self.raw(name), t.shape, f"{self.path}: tensor {name!r}")
         if t.type_name not in ("TQ1_0", "TQ2_0"):
-            raise GGUFError(f"{self.path}: tensor {name!r} is {t.type_name}, not a ternary type (TQ1_0 / TQ2_0)")
+            raise GGUFError(f"{self.path}: tensor {name!r} is {t.type_name}, not a ternary type (TQ1_0 / TQ2_0 / "
+                            "I2_S)")
         blocks = self.raw(name).reshape(-1, TYPES[t.type_id][2])
         codes, d = (_decode_tq1 if t.type_name == "TQ1_0" else _decode_tq2)(blocks)
         rows, cols = int(np.prod(t.shape[:-1])), t.shape[-1]
@@ -81,7 +95,10 @@ class GGUFFile:
         """The tensor as float32, in its numpy shape."""
         t = self._info(name)
         kind = t.type_name
-        if kind in ("TQ1_0", "TQ2_0"):
+        if kind == "I2_S":
+            codes, scale = self.ternary_codes(name)
+            out = codes.astype(np.float32) * scale
+        elif kind in ("TQ1_0", "TQ2_0"):
             codes, d = self.ternary_codes(name)
             out = codes.reshape(codes.shape[0], -1, QK_K).astype(np.float32) * d.astype(np.float32)[..., None]
         elif kind == "Q8_0":
@@ -106,6 +123,16 @@ def _decode_tq2(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if (q == 3).any():
         raise GGUFError("TQ2_0 block holds the unused 2-bit value 3 (not a ternary code)")
     return q.astype(np.int8) - 1, blocks[:, 64:66].copy().view(np.float16).reshape(n)
+
+
+def _decode_i2_s(data: np.ndarray, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray]:
+    n = int(np.prod(shape))
+    packed = data[:n // 4].reshape(-1, 1, 32)
+    q = (packed >> np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)) & 3  # [block, value // 32, j]
+    if (q == 3).any():
+        raise GGUFError(f"{where}: I2_S holds the unused 2-bit value 3 (not a ternary code)")
+    scale = data[n // 4:n // 4 + 4].copy().view(np.float32).reshape(1, 1)
+    return q.astype(np.int8).reshape(int(np.prod(shape[:-1])), shape[-1]) - 1, scale
 
 
 def _decode_tq1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +228,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if ne[0] % per_block:
             raise GGUFError(f"{path}: tensor {name!r} ({tname}) has rows of {ne[0]} values, not a multiple of "
                             f"the block size {per_block}")
-        nbytes = int(np.prod(ne, dtype=np.int64)) // per_block * block_bytes
+        nbytes = tensor_nbytes(type_id, int(np.prod(ne, dtype=np.int64)))
         if rel % out.alignment:
             raise GGUFError(f"{path}: tensor {name!r} offset {rel} is not aligned to {out.alignment}")
         if data_start + rel + nbytes > size:

@@ -27,6 +27,9 @@ def test_stage_sections_override_train_and_numbers_are_cast():
     assert cfg.train_args("distill").lr == 2e-3 and isinstance(cfg.train_args("distill").lr, float)
     assert cfg.train_args("pretrain").batch_size == 3 and cfg.train_args("distill").batch_size != 3
     assert cfg.distill.loss.gamma_ad == 1e4 and cfg.train_args("sft").compile is None
+    # as recorded (config.resolved.yaml, results files): Python's "3e-05" is a float, a quoted one a string
+    raw = read_config(DEFAULT_CONFIG, ["sft.lr=3e-05", "task.template='1e-5'"])
+    assert raw["sft"]["lr"] == 3e-05 and isinstance(raw["sft"]["lr"], float) and raw["task"]["template"] == "1e-5"
 
 
 @pytest.mark.parametrize("override,match", [

@@ -170,6 +170,108 @@ def test_cli_export_and_teacher(models, tmp_path, capsys):
     assert t.metadata["general.architecture"] == "llama" and t.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
 
 
+def test_i2_s_round_trip_bit_for_bit(models):
+    """bitnet.cpp's I2_S: the codes and the one fp32 scale inside each tensor, no .scale tensors, n/4 + 32 bytes."""
+    from bitkernels.reference import ternarize_absmean
+
+    root, student, _ = models
+    out = root / "s-i2_s.gguf"
+    r = export_gguf(student, out, "i2_s", embed="f32")
+    assert r["fallbacks"] == [] and r["runtime"] == "bitnet.cpp"
+    f = read_gguf(out)
+    assert f.metadata["general.file_type"] == 40 and not [n for n in f.tensors if n.endswith(".scale")]
+    state = _state(student)
+    for i in range(2):
+        for g in TERNARY:
+            name = f"blk.{i}.{g}.weight"
+            t = f.tensors[name]
+            assert t.type_name == "I2_S" and t.nbytes == int(np.prod(t.shape)) // 4 + 32
+            codes, scale = f.ternary_codes(name)
+            want, s = ternarize_absmean(state[f"model.layers.{i}.{HF[g]}.weight"].float())
+            assert np.array_equal(codes, want.numpy()) and scale.item() == s.item()  # float32, exactly
+            assert np.array_equal(f.dequantize(name), (want.float() * s).numpy())
+        sub = f.dequantize(f"blk.{i}.attn_sub_norm.weight")
+        assert np.array_equal(sub, state[f"model.layers.{i}.self_attn.o_proj.subln.weight"].numpy())
+    # (gguf-py's reader knows no type 36: it refuses the file, so only ours reads it back)
+    assert np.array_equal(f.dequantize("token_embd.weight"), state["model.embed_tokens.weight"].numpy())
+
+
+def test_i2_s_layout_by_hand():
+    """ggml-bitnet-mad.cpp's quantize_i2_s: byte j of a 128-value block holds values j, 32+j, 64+j, 96+j at bits
+    6, 4, 2, 0 as value + 1; then the scale as fp32 and 28 zero bytes."""
+    from cpu_ref.gguf_export import i2_s_bytes
+
+    codes = np.zeros((2, 128), np.int8)
+    codes[0, [5, 37, 69, 101]] = [1, 0, -1, 1]        # block 0, byte 5: 2<<6 | 1<<4 | 0<<2 | 2
+    codes[1, [0, 32, 64, 96]] = [-1, -1, -1, -1]      # block 1, byte 0: all zeros
+    b = i2_s_bytes(codes, 0.25)
+    assert b.size == 2 * 128 // 4 + 32
+    expect = np.full(64, 0b01010101, np.uint8)         # every other value is 0 -> code 1 in each 2-bit field
+    expect[5] = (2 << 6) | (1 << 4) | (0 << 2) | 2
+    expect[32] = 0
+    assert np.array_equal(b[:64], expect)
+    assert b[64:68].view(np.float32).item() == 0.25 and not b[68:].any()
+
+
+def test_i2_s_rows_not_multiple_of_128_and_per_channel(tmp_path):
+    from bitkernels.reference import ternarize_absmean
+
+    student = make_llama_student(tmp_path / "odd", num_hidden_layers=1, intermediate_size=320)
+    with pytest.raises(GGUFExportError, match=r"blk\.0\.ffn_down\.weight: rows of 320 values.*128"):
+        export_gguf(student, tmp_path / "odd.gguf", "i2_s", strict=True)
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".*tmp*")) == []
+    r = export_gguf(student, tmp_path / "odd.gguf", "i2_s")
+    assert [n.split(":")[0] for n in r["fallbacks"]] == ["blk.0.ffn_down.weight"]
+    f = read_gguf(tmp_path / "odd.gguf")
+    assert f.tensors["blk.0.ffn_down.weight"].type_name == "Q8_0" and "blk.0.ffn_down.scale" not in f.tensors
+    assert f.tensors["blk.0.ffn_up.weight"].type_name == "I2_S"
+    codes, s = ternarize_absmean(_state(student)["model.layers.0.mlp.down_proj.weight"].float())
+    want = codes.numpy().astype(np.float32) * np.float32(np.float16(s.item()))  # the scale rounded to fp16
+    assert np.array_equal(f.dequantize("blk.0.ffn_down.weight"), want)
+
+    pc = make_llama_student(tmp_path / "pc", num_hidden_layers=1, per_channel=True)
+    with pytest.raises(GGUFExportError, match="per-channel.*one scale a tensor"):
+        export_gguf(pc, tmp_path / "pc.gguf", "i2_s")
+    assert not (tmp_path / "pc.gguf").exists()
+
+
+def test_reader_rejects_i2_s_code_3(models, tmp_path):
+    root, student, _ = models
+    good = tmp_path / "i2.gguf"
+    export_gguf(student, good, "i2_s")
+    t = read_gguf(good).tensors["blk.0.attn_q.weight"]
+    bad = bytearray(good.read_bytes())
+    bad[t.offset] = 0xFF
+    p = tmp_path / "i2-code3.gguf"
+    p.write_bytes(bytes(bad))
+    with pytest.raises(GGUFError, match="I2_S holds the unused 2-bit value 3"):
+        read_gguf(p).ternary_codes("blk.0.attn_q.weight")
+
+
+def _bitnet_cpp_checkout():
+    import os
+    import pathlib
+
+    d = os.environ.get("BITNET_CPP_DIR")
+    if not d:
+        return None, "BITNET_CPP_DIR (a built microsoft/BitNet checkout) is not set"
+    if not (pathlib.Path(d) / "build" / "3rdparty" / "llama.cpp" / "src" / "libllama.so").is_file():
+        return None, f"BITNET_CPP_DIR={d} holds no build/3rdparty/llama.cpp/src/libllama.so"
+    return d, ""
+
+
+@pytest.mark.skipif(_bitnet_cpp_checkout()[0] is None, reason=_bitnet_cpp_checkout()[1])
+def test_bitnet_cpp_runs_i2_s_like_the_student(models):
+    root, student, _ = models
+    out = root / "cmp-i2_s.gguf"
+    export_gguf(student, out, "i2_s", embed="f32")
+    r = compare(student, out, n_tokens=32, n_threads=2, bitnet_cpp=_bitnet_cpp_checkout()[0])
+    assert r["runtime"] == "bitnet.cpp" and r["tokenization_equal"]
+    assert r["mean_greedy_equal_frac"] == 1.0 and r["mean_argmax_agree"] == 1.0, json.dumps(r)
+    # per-token int8 activations as in the student: closer than TQ2_0's per-256 blocks (< 0.015 there)
+    assert r["max_logits_rel_err"] < 0.01, json.dumps(r)
+
+
 needs_llama = pytest.mark.skipif(not llama_cpp_available()[0], reason=llama_cpp_available()[1])
 
 
