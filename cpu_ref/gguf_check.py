@@ -17,8 +17,8 @@ runtime's quantization alone explains, and llama.cpp's logits against it how muc
 An I2_S file runs in bitnet.cpp instead (microsoft/BitNet's llama.cpp fork; stock llama.cpp has no I2_S):
 ``--bitnet-cpp DIR`` names a built checkout (DIR/3rdparty/llama.cpp/include, DIR/build/3rdparty/llama.cpp/src/
 libllama.so) and ``BitnetCpp`` drives it through a small C shim (bitnet_cpp_shim.c) compiled against its llama.h.
-There the ternary matmuls quantize activations per token, as the student does; the activation-block columns are
-still llama.cpp's blocks (those of the Q8_0 rows).
+There the I2_S matmuls quantize activations per token, as the student does, so the activation-block columns keep
+per-token int8 on those rows and use blocks only on the Q8_0 ones.
 
 ``make_llama_student`` builds the small random Llama-architecture student (SubLN, tied embedding, byte-level BPE
 tokenizer) that the tests and the benchmark use.
@@ -159,10 +159,11 @@ def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def llama_cpp_activation_blocks(model):
+def llama_cpp_activation_blocks(model, i2_s: bool = False):
     """The model's BitLinears quantize activations as llama.cpp's CPU dot products do, instead of per token: int8
     codes with one scale per block of 256 (Q8_K, the operand of TQ1_0 / TQ2_0 weights) where the row length is a
-    multiple of 256, else per block of 32 with an fp16 scale (Q8_0, the type the export gives such rows)."""
+    multiple of 256, else per block of 32 with an fp16 scale (Q8_0, the type the export gives such rows).
+    ``i2_s``: as bitnet.cpp runs an I2_S export, whose rows of a multiple of 128 keep the student's per-token int8."""
     from bitkernels import BitLinear
     from bitkernels.reference import dequantize_int8, ternarize_absmean
 
@@ -182,7 +183,8 @@ def llama_cpp_activation_blocks(model):
         # Once per module, not per call: generation runs every linear once a token.
         return dequantize_int8(*ternarize_absmean(m.weight, m.per_channel), torch.float32)
 
-    patched = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize and not m.frozen]
+    patched = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize and not m.frozen
+               and not (i2_s and m.in_features % 128 == 0)]
     for m in patched:
         m.forward = lambda x, m=m, w_deq=ternary_weight(m): blocked(m, w_deq, x)
     try:
@@ -211,6 +213,9 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
         tokenizer, ids_list, prompts = None, [list(map(int, i)) for i in prompt_ids], [None] * len(prompt_ids)
     llm = load_llama(gguf_path, n_ctx=max(len(i) for i in ids_list) + n_tokens + 8, n_threads=n_threads,
                      bitnet_cpp=bitnet_cpp)
+    from .gguf_reader import read_gguf
+
+    i2_s = any(t.type_name == "I2_S" for t in read_gguf(gguf_path).tensors.values())
     rows = []
     for prompt, ids in zip(prompts, ids_list):
         P = len(ids)
@@ -221,7 +226,7 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
         own = llama_greedy(llm, ids, n_tokens)
         student_new = seq[P:P + n_tokens].tolist()
         equal = [a == b for a, b in zip(own, student_new)]
-        with llama_cpp_activation_blocks(model), torch.inference_mode():
+        with llama_cpp_activation_blocks(model, i2_s=i2_s), torch.inference_mode():
             blocks_new = greedy_generate(model, torch.tensor([ids]), n_tokens, loop="hf")["tokens"][0][P:P + n_tokens].tolist()
             blocks = model(input_ids=seq[None]).logits[0, P - 1:P - 1 + n_tokens].float().numpy()
         same_tokens = None

@@ -380,3 +380,19 @@ def test_llama_cpp_activation_blocks_quantize_per_block_and_restore(in_features,
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - per_token).abs().max() > 1e-3   # the blocks are not per-token quantization
     torch.testing.assert_close(m(x), per_token, rtol=0, atol=0)   # restored on exit
+
+
+def test_activation_blocks_as_bitnet_cpp_runs_i2_s():
+    """bitnet.cpp's I2_S rows (multiples of 128) keep per-token int8; the others (its Q8_0 rows) go in blocks of 32."""
+    from bitkernels import BitLinear
+
+    torch.manual_seed(0)
+    i2, q8 = (BitLinear(k, 8, bias=False, subln=True, backend="torch") for k in (512, 96))  # 512: two Q8_K blocks
+    model = torch.nn.ModuleList([i2, q8])
+    x2, x8 = torch.randn(3, 512) * torch.linspace(0.1, 4, 512), torch.randn(3, 96) * torch.linspace(0.1, 4, 96)
+    ref2, ref8 = i2(x2), q8(x8)
+    with llama_cpp_activation_blocks(model, i2_s=True):
+        torch.testing.assert_close(i2(x2), ref2, rtol=0, atol=0)
+        assert (q8(x8) - ref8).abs().max() > 1e-3
+    with llama_cpp_activation_blocks(model):
+        assert (i2(x2) - ref2).abs().max() > 1e-3
