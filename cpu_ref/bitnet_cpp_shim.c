@@ -68,10 +68,10 @@ int bk_eval(void* hp, const int32_t* tokens, int n, float* out) {
     return rc;
 }
 
-// llama.cpp's own tokenization of text (no special-token parsing); returns the count, negative if max is short.
-int bk_tokenize(void* hp, const char* text, int add_special, int32_t* out, int max) {
+// llama.cpp's own tokenization of text; returns the count, negative if max is short.
+int bk_tokenize(void* hp, const char* text, int add_special, int parse_special, int32_t* out, int max) {
     bk_handle* h = (bk_handle*)hp;
-    return llama_tokenize(h->model, text, (int32_t)strlen(text), out, max, add_special != 0, false);
+    return llama_tokenize(h->model, text, (int32_t)strlen(text), out, max, add_special != 0, parse_special != 0);
 }
 
 void bk_close(void* hp) {

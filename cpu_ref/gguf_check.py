@@ -51,14 +51,14 @@ class BitnetCpp:
     def __init__(self, checkout, path, n_ctx: int = 512, n_threads: int | None = None):
         import ctypes
 
-        self._c = ctypes
         lib = ctypes.CDLL(str(build_bitnet_cpp_shim(checkout)))
         lib.bk_open.restype = ctypes.c_void_p
         lib.bk_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
         for name in ("bk_n_vocab", "bk_reset", "bk_close"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
         lib.bk_eval.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        lib.bk_tokenize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        lib.bk_tokenize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_int]
         self._lib, self.n_ctx = lib, n_ctx
         self._h = lib.bk_open(str(path).encode(), n_ctx, n_threads or 0)
         if not self._h:
@@ -86,7 +86,7 @@ class BitnetCpp:
 
     def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
         out = np.empty(len(text) + 8, np.int32)
-        n = self._lib.bk_tokenize(self._h, text, int(add_bos), out.ctypes.data, out.size)
+        n = self._lib.bk_tokenize(self._h, text, int(add_bos), int(special), out.ctypes.data, out.size)
         if n < 0:
             raise RuntimeError("bitnet.cpp tokenize: buffer too short")
         return out[:n].tolist()
@@ -167,6 +167,8 @@ def llama_cpp_activation_blocks(model, i2_s: bool = False):
     from bitkernels import BitLinear
     from bitkernels.reference import dequantize_int8, ternarize_absmean
 
+    from .gguf_export import I2_S_BLOCK
+
     def blocked(m: BitLinear, w_deq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = (x if m.subln is None else m.subln(x)).float()
         k = h.shape[-1]
@@ -184,7 +186,7 @@ def llama_cpp_activation_blocks(model, i2_s: bool = False):
         return dequantize_int8(*ternarize_absmean(m.weight, m.per_channel), torch.float32)
 
     patched = [m for m in model.modules() if isinstance(m, BitLinear) and m.quantize and not m.frozen
-               and not (i2_s and m.in_features % 128 == 0)]
+               and not (i2_s and m.in_features % I2_S_BLOCK == 0)]
     for m in patched:
         m.forward = lambda x, m=m, w_deq=ternary_weight(m): blocked(m, w_deq, x)
     try:
@@ -201,6 +203,7 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
     bitnet.cpp checkout to run the file in, instead of llama-cpp-python."""
     from bitdistill.convert import load_student
 
+    from .gguf_reader import read_gguf
     from .runner import greedy_generate
 
     model = model if model is not None else load_student(student_dir, backend="torch", dtype=torch.float32)
@@ -213,8 +216,6 @@ def compare(student_dir, gguf_path, prompts=DEFAULT_PROMPTS, n_tokens: int = 32,
         tokenizer, ids_list, prompts = None, [list(map(int, i)) for i in prompt_ids], [None] * len(prompt_ids)
     llm = load_llama(gguf_path, n_ctx=max(len(i) for i in ids_list) + n_tokens + 8, n_threads=n_threads,
                      bitnet_cpp=bitnet_cpp)
-    from .gguf_reader import read_gguf
-
     i2_s = any(t.type_name == "I2_S" for t in read_gguf(gguf_path).tensors.values())
     rows = []
     for prompt, ids in zip(prompts, ids_list):

@@ -1,9 +1,9 @@
 """A small, strict GGUF reader (no dependency on gguf-py) for checking what ``cpu_ref.gguf_export`` wrote.
 
 It parses the header, the metadata and the tensor table of a GGUF v2/v3 file and decodes the tensor types the
-exporter writes: TQ1_0 and TQ2_0 (ternary, 256 values a block), bitnet.cpp's I2_S, Q8_0, F16, F32. Anything out of bounds, a wrong
-magic, an unknown type, a tensor whose data would run past the end of the file, or a size that does not match its
-type raises :class:`GGUFError` naming the file (and the tensor).
+exporter writes: TQ1_0 and TQ2_0 (ternary, 256 values a block), bitnet.cpp's I2_S, Q8_0, F16, F32. Anything out
+of bounds, a wrong magic, an unknown type, a tensor whose data would run past the end of the file, or a size that
+does not match its type raises :class:`GGUFError` naming the file (and the tensor).
 
 Ternary blocks (ggml's layout, ``ggml-common.h``):
 
@@ -79,7 +79,8 @@ class GGUFFile:
         return np.frombuffer(data, dtype=np.uint8).reshape(rows, -1)
 
     def ternary_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(codes int8 [rows, cols] in {-1, 0, 1}, block scales float16 [rows, cols // 256]) of a TQ1_0/TQ2_0 tensor."""
+        """(codes int8 [rows, cols] in {-1, 0, 1}, block scales float16 [rows, cols // 256]) of a TQ1_0/TQ2_0 tensor;
+        of an I2_S tensor, (codes, its one float32 scale [1, 1])."""
         t = self._info(name)
         if t.type_name == "I2_S":
             return _decode_i2_s(self.raw(name), t.shape, f"{self.path}: tensor {name!r}")
