@@ -3,11 +3,12 @@ set -uo pipefail
 # Device call of the quality runs (bench/notes/quality.md, "Getting the model onto the device"): join + prepare the
 # model once per warm machine, then up to three tables in parallel on the one GPU (each run is host-bound at this
 # model size), each resumable with --resume. Job A: the tweets' own text as Stage-2 corpus; B: the learning-rate
-# sweep; C: the docs-corpus row at seed 43. $1 = minutes of budget, $2 = jobs.
+# sweep; C: the docs-corpus row at seed 43; D: two epochs of Stage 3 (and of the teacher); E: BitNet-SFT at two
+# epochs, D's baseline. $1 = minutes of budget, $2 = jobs.
 # Before it, one call carrying the folder with part 1 (first 50,000,000 bytes of the GGUF) and data.tgz runs:
 #   cp $PART1_DIR/part1 /tmp/part1 && tar xzf $PART1_DIR/data.tgz
 # This call carries $PART2_DIR (default .gpu2): part2 (the rest), gguf.sha256 and the gguf wheel.
-# Usage: BITKERNELS_GIT_COMMIT=<sha> bash bench/tools/device_quality_table.sh MINUTES JOBS   (JOBS: letters of A B C)
+# Usage: BITKERNELS_GIT_COMMIT=<sha> bash bench/tools/device_quality_table.sh MINUTES JOBS   (JOBS: letters of A-E)
 : "${BITKERNELS_GIT_COMMIT:?set BITKERNELS_GIT_COMMIT to the commit being run (the device copy has no .git)}"
 P2=${PART2_DIR:-.gpu2}
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
@@ -39,6 +40,18 @@ if [[ $JOBS == *C* ]]; then
 python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET --rows FP-SFT,BitDistill --seeds 43 \
   --name smollm2-135m-tweets-docs-seed43 $BEST --set output_dir=outputs/tw-docs-s43 \
   --set "pretrain.corpus.files=[data/corpus/docs.jsonl]" > outputs/logs/C.log 2>&1 &
+fi
+# D: the same data seen twice: teacher and BitDistill's Stage 3 at 2 epochs of the 12,000 tweets (Stage 2 unchanged).
+if [[ $JOBS == *D* ]]; then
+python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET --rows FP-SFT,BitDistill \
+  --name smollm2-135m-tweets-2epochs $BEST --set output_dir=outputs/tw-2ep --set sft.epochs=2 --set distill.epochs=2 \
+  > outputs/logs/D.log 2>&1 &
+fi
+# E: BitNet-SFT at 2 epochs, the baseline D is held against.
+if [[ $JOBS == *E* ]]; then
+python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET --rows BitNet-SFT \
+  --name smollm2-135m-tweets-2epochs-bitnet-sft --set task.max_train_examples=12000 --set output_dir=outputs/tw-2ep-bn \
+  --set bitnet_sft.epochs=2 > outputs/logs/E.log 2>&1 &
 fi
 while sleep 30; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; \
   jobs -r | wc -l | grep -q '^0$' && break; done
