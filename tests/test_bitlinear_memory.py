@@ -86,13 +86,32 @@ def test_block_columns():
     assert bitlinear_impl.grad_weight_block_columns(0, 64, torch.bfloat16) == 64
 
 
+def test_block_bounds():
+    full = bitlinear_impl.grad_weight_block_bounds(9728, 1024)
+    assert [j - i for i, j in full] == [1024] * 9 + [512]
+    equal = bitlinear_impl.grad_weight_block_bounds(9728, 1024, equal=True)
+    assert [j - i for i, j in equal] == [1024] * 6 + [896] * 4  # as many blocks, none narrower than 896
+    ragged = bitlinear_impl.grad_weight_block_bounds(600, 256, equal=True)
+    assert ragged == [(0, 256), (256, 512), (512, 600)]
+    for k, block in [(600, 128), (9728, 1024), (1000, 384), (6144, 1024), (130, 128), (64, 64)]:
+        for bounds in (bitlinear_impl.grad_weight_block_bounds(k, block, e) for e in (False, True)):
+            assert bounds[0][0] == 0 and bounds[-1][1] == k
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no column twice
+            assert all(0 < j - i <= block for i, j in bounds)
+        assert len(bitlinear_impl.grad_weight_block_bounds(k, block, True)) == -(-k // block)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("subln,save_input", [(True, True), (True, False), (False, True)])
-def test_blocked_weight_gradient_equals_one_gemm(device, dtype, subln, save_input, monkeypatch):
+@pytest.mark.parametrize("block,equal", [(BLOCK, False), (512, True)])  # 600 = 512 + 88, or 384 + 216
+def test_blocked_weight_gradient_equals_one_gemm(device, dtype, subln, save_input, block, equal, monkeypatch):
     x, w, nw, dy = _inputs(dtype, device, subln)
     whole = _grads(x, w, nw, dy, save_input)
-    monkeypatch.setattr(bitlinear_impl, "GRAD_WEIGHT_BLOCK_BYTES", M * BLOCK * dtype.itemsize)
-    assert bitlinear_impl.grad_weight_block_columns(M, K, dtype) == BLOCK
+    monkeypatch.setattr(bitlinear_impl, "GRAD_WEIGHT_EQUAL_BLOCKS", equal)
+    monkeypatch.setattr(bitlinear_impl, "GRAD_WEIGHT_BLOCK_BYTES", M * block * dtype.itemsize)
+    assert bitlinear_impl.grad_weight_block_columns(M, K, dtype) == block
+    if equal:
+        assert bitlinear_impl.grad_weight_block_bounds(K, block, True) == [(0, 384), (384, 600)]
     blocked = _grads(x, w, nw, dy, save_input)
     for name, a, b in zip(("x", "weight", "norm_weight"), blocked, whole):
         if b is not None:

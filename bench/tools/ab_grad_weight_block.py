@@ -1,5 +1,6 @@
 """What the K-blocked weight gradient costs: BitLinear's fwd+bwd step with ``GRAD_WEIGHT_BLOCK_BYTES`` at its
-default and raised so the step runs unblocked, beside plain RMSNorm + nn.Linear (eager and compiled), same tensors.
+default (full-width blocks and a tail, and with ``GRAD_WEIGHT_EQUAL_BLOCKS``: equal ones) and raised so the step
+runs unblocked, beside plain RMSNorm + nn.Linear (eager and compiled), same tensors.
 
     python bench/tools/ab_grad_weight_block.py [--shapes 8192x2048x6144,8192x2560x9728] [--repeats 5] [--out p.json]
         [--kernels]
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda")
     default_bytes = bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES
-    settings = {f"ours_block_{default_bytes >> 20}MiB": default_bytes, "ours_unblocked": UNBLOCKED}
+    default_equal = bitlinear_impl.GRAD_WEIGHT_EQUAL_BLOCKS
+    settings = {f"ours_block_{default_bytes >> 20}MiB": (default_bytes, False),
+                f"ours_block_{default_bytes >> 20}MiB_equal": (default_bytes, True), "ours_unblocked": (UNBLOCKED, False)}
     plain_c = torch.compile(plain, dynamic=False)
     rows = []
     for tokens, k, n in parse_shapes(args.shapes):
@@ -53,23 +56,24 @@ def main(argv=None) -> int:
         steps = {"plain_eager": _fwd_bwd(lambda x=x, w=w, nw=nw: plain(x, nw, w), (x, w, nw), dy),
                  "plain_compile": _fwd_bwd(lambda x=x, w=w, nw=nw: plain_c(x, nw, w), (x, w, nw), dy)}
 
-        def with_block(nbytes, fn=ours):
+        def with_block(setting, fn=ours):
             def run():
-                bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES = nbytes
+                bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES, bitlinear_impl.GRAD_WEIGHT_EQUAL_BLOCKS = setting
                 try:
                     return fn()
                 finally:
                     bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES = default_bytes
+                    bitlinear_impl.GRAD_WEIGHT_EQUAL_BLOCKS = default_equal
             return run
-        steps.update({name: with_block(nbytes) for name, nbytes in settings.items()})
+        steps.update({name: with_block(setting) for name, setting in settings.items()})
 
         grads = {}
         for name in settings:
             steps[name]()
             grads[name] = [t.grad.float().clone() for t in (x, w, nw)]
-        a, b = grads.values()
-        rel = [float((u - v).norm() / v.norm().clamp_min(1e-30)) for u, v in zip(a, b)]
-        del grads, a, b
+        *blocked, whole = grads.values()  # each blocked setting against the unblocked one
+        rel = [float((u - v).norm() / v.norm().clamp_min(1e-30)) for a in blocked for u, v in zip(a, whole)]
+        del grads, blocked, whole
 
         warm_up(steps, device)
         samples = {name: [] for name in steps}
@@ -77,15 +81,15 @@ def main(argv=None) -> int:
             for name, fn in steps.items():
                 samples[name].append(time_ms(fn, device))
         peaks = {name: peak_memory_bytes(fn, device) for name, fn in steps.items()}
-        row = {"shape": [tokens, k, n], "block_columns": block_columns, "grad_rel_l2_x_w_nw": rel,
+        row = {"shape": [tokens, k, n], "block_columns": block_columns, "grad_rel_l2_x_w_nw_per_blocked_setting": rel,
                "ms": {name: statistics.median(v) for name, v in samples.items()}, "ms_passes": samples,
                "peak_MiB": {name: v / 2**20 for name, v in peaks.items()}}
         if args.kernels:
             row["kernels_us_per_step"] = {name: kernel_times(steps[name]) for name in settings}
         rows.append(row)
         plain_ms = row["ms"]["plain_compile"]
-        print(f"{tokens}x{k}x{n} (blocks of {block_columns} columns; grads rel L2 x/w/nw "
-              + "/".join(f"{r:.1e}" for r in rel) + ")")
+        print(f"{tokens}x{k}x{n} (blocks of {block_columns} columns; grads rel L2 x/w/nw, each blocked setting "
+              "against unblocked " + "/".join(f"{r:.1e}" for r in rel) + ")")
         for name in steps:
             print(f"  {name:<22} {row['ms'][name]:8.3f} ms  {row['ms'][name] / plain_ms:5.2f}x plain compiled"
                   f"  peak {row['peak_MiB'][name]:7.1f} MiB")

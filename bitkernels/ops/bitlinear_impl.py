@@ -20,6 +20,10 @@ from .rmsnorm_quant import (quantize_input, rmsnorm_backward, rmsnorm_backward_a
 # be the backward's largest temporary beside grad_x, which plain nn.Linear never makes. At 8192 tokens in bf16 a
 # block is 1024 columns, a GEMM of 16M x N multiply-adds: long enough on the GPU to hide the block's two launches.
 GRAD_WEIGHT_BLOCK_BYTES = 16 << 20
+# Split K into equal blocks (multiples of 128, none wider than the budget's) instead of full-width blocks and a
+# narrow tail (9728 = 9 x 1024 + 512): a candidate for the tail GEMM's low occupancy, off until an A/B on a GPU
+# (bench/tools/ab_grad_weight_block.py) shows it pays.
+GRAD_WEIGHT_EQUAL_BLOCKS = False
 
 
 def bitlinear_grad_input(grad_y: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -38,6 +42,21 @@ def grad_weight_block_columns(m: int, k: int, dtype: torch.dtype) -> int:
     return max(128, GRAD_WEIGHT_BLOCK_BYTES // per_column // 128 * 128)
 
 
+def grad_weight_block_bounds(k: int, block: int, equal: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) of each block of K's columns: full ``block``-wide ones and a ragged tail, or with ``equal``
+    as many blocks, their widths multiples of 128 that differ by at most 128 (the last one ragged at K's end)."""
+    if block >= k or not equal:
+        return [(i, min(i + block, k)) for i in range(0, k, block)]
+    count, units = -(-k // block), -(-k // 128)
+    base, wider = divmod(units, count)  # 128-column units a block: the first ``wider`` blocks get one more
+    bounds, start = [], 0
+    for b in range(count):
+        stop = min(start + 128 * (base + (b < wider)), k)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def bitlinear_grad_weight_blocks(grad_y: torch.Tensor, dequantized_columns, k: int, block: int,
                                  out_dtype: torch.dtype) -> torch.Tensor:
     """grad_W [N, K] = grad_y^T @ x_deq, one block of ``block`` columns of x_deq at a time:
@@ -45,8 +64,7 @@ def bitlinear_grad_weight_blocks(grad_y: torch.Tensor, dequantized_columns, k: i
     the same dot over M as in one GEMM; the GEMMs write straight into grad_W's columns when it is grad_y's dtype."""
     grad_w = torch.empty((grad_y.shape[1], k), device=grad_y.device, dtype=out_dtype)
     g_t = grad_y.t()
-    for start in range(0, k, block):
-        stop = min(start + block, k)
+    for start, stop in grad_weight_block_bounds(k, block, GRAD_WEIGHT_EQUAL_BLOCKS):
         x_block = dequantized_columns(start, stop)
         if out_dtype == grad_y.dtype:
             torch.mm(g_t, x_block, out=grad_w[:, start:stop])
