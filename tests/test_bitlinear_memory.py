@@ -93,7 +93,8 @@ def test_block_bounds():
     assert [j - i for i, j in equal] == [1024] * 6 + [896] * 4  # as many blocks, none narrower than 896
     ragged = bitlinear_impl.grad_weight_block_bounds(600, 256, equal=True)
     assert ragged == [(0, 256), (256, 512), (512, 600)]
-    for k, block in [(600, 128), (9728, 1024), (1000, 384), (6144, 1024), (130, 128), (64, 64)]:
+    assert bitlinear_impl.grad_weight_block_bounds(200, 64, equal=True) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    for k, block in [(600, 128), (9728, 1024), (1000, 384), (6144, 1024), (130, 128), (64, 64), (200, 64)]:
         for bounds in (bitlinear_impl.grad_weight_block_bounds(k, block, e) for e in (False, True)):
             assert bounds[0][0] == 0 and bounds[-1][1] == k
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no column twice

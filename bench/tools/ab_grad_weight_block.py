@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     default_bytes = bitlinear_impl.GRAD_WEIGHT_BLOCK_BYTES
     default_equal = bitlinear_impl.GRAD_WEIGHT_EQUAL_BLOCKS
-    settings = {f"ours_block_{default_bytes >> 20}MiB": (default_bytes, False),
-                f"ours_block_{default_bytes >> 20}MiB_equal": (default_bytes, True), "ours_unblocked": (UNBLOCKED, False)}
+    block_name = f"ours_block_{default_bytes >> 20}MiB"
+    settings = {block_name: (default_bytes, False), f"{block_name}_equal": (default_bytes, True),
+                "ours_unblocked": (UNBLOCKED, False)}
     plain_c = torch.compile(plain, dynamic=False)
     rows = []
     for tokens, k, n in parse_shapes(args.shapes):

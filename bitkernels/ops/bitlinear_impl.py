@@ -44,8 +44,9 @@ def grad_weight_block_columns(m: int, k: int, dtype: torch.dtype) -> int:
 
 def grad_weight_block_bounds(k: int, block: int, equal: bool = False) -> list[tuple[int, int]]:
     """(start, stop) of each block of K's columns: full ``block``-wide ones and a ragged tail, or with ``equal``
-    as many blocks, their widths multiples of 128 that differ by at most 128 (the last one ragged at K's end)."""
-    if block >= k or not equal:
+    as many blocks, their widths multiples of 128 that differ by at most 128 (the last one ragged at K's end);
+    ``block`` is then a multiple of 128, as ``grad_weight_block_columns`` makes it where it is under K."""
+    if block >= k or not equal or block % 128:
         return [(i, min(i + block, k)) for i in range(0, k, block)]
     count, units = -(-k // block), -(-k // 128)
     base, wider = divmod(units, count)  # 128-column units a block: the first ``wider`` blocks get one more
