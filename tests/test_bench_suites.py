@@ -126,6 +126,26 @@ def test_host_pieces_time_the_work_of_ours_backward():
     assert pieces["ours backward work, direct, other thread"].fn is pieces["ours backward work, direct"]
 
 
+def test_grad_weight_block_ab_profiles_settings_in_rotating_order(monkeypatch):
+    # ab_grad_weight_block.py --kernels: the setting profiled first ran slower even in kernels common to all settings,
+    # so each pass starts at the next setting, and a kernel's time is its median over the passes.
+    from bench.tools import ab_grad_weight_block
+
+    order = []
+
+    def fake_kernel_times(step):
+        order.append(step())
+        first = len(order) % 3 == 1  # the first profile of a pass is slower
+        return {"gemm": 100.0 + 50.0 * first, "only_" + order[-1]: 1.0}
+
+    monkeypatch.setattr(ab_grad_weight_block, "kernel_times", fake_kernel_times)
+    steps = {name: (lambda name=name: name) for name in ("a", "b", "c")}
+    medians, totals = ab_grad_weight_block.kernel_passes(steps, 3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert medians == {n: {"gemm": 100.0, "only_" + n: 1.0} for n in "abc"}
+    assert totals == {"a": [151.0, 101.0, 101.0], "b": [101.0, 151.0, 101.0], "c": [101.0, 101.0, 151.0]}
+
+
 @interpreter_only
 def test_host_ab_imports_an_earlier_revision_beside_the_working_tree(tmp_path):
     # bench/tools/profile_bitlinear_host.py --ab REV: REV's bitkernels imports beside this one (its custom ops in their

@@ -9,8 +9,8 @@ Passes alternate over the settings (single passes drift on a shared host); the t
 over passes of do_bench medians, and the step's peak memory above what was held before it (bench/harness.py's
 measure, as compare.py's). Gradients of the two settings are compared first. CUDA only. Writes JSON with device,
 date and commit (default bench/results/<device>-<date>-grad-weight-block-ab.json). ``--kernels`` adds, per setting,
-the step's GPU kernels from the profiler (time per step of each kernel name, no L2 flush): where the blocked
-setting's extra time goes.
+the step's GPU kernels from the profiler (time per step of each kernel name, no L2 flush; median over ``--repeats``
+profiles taken in rotating order): where the blocked setting's extra time goes.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
                "ms": {name: statistics.median(v) for name, v in samples.items()}, "ms_passes": samples,
                "peak_MiB": {name: v / 2**20 for name, v in peaks.items()}}
         if args.kernels:
-            row["kernels_us_per_step"] = {name: kernel_times(steps[name]) for name in settings}
+            row["kernels_us_per_step"], row["kernels_total_us_passes"] = kernel_passes(
+                {name: steps[name] for name in settings}, args.repeats)
         rows.append(row)
         plain_ms = row["ms"]["plain_compile"]
         print(f"{tokens}x{k}x{n} (blocks of {block_columns} columns; grads rel L2 x/w/nw, each blocked setting "
@@ -107,6 +108,20 @@ def main(argv=None) -> int:
     path = write_results({"rows": rows, "meta": meta}, args.out, meta, "-grad-weight-block-ab")
     print(f"wrote {path}")
     return 0
+
+
+def kernel_passes(steps: dict, repeats: int) -> tuple[dict, dict]:
+    """Each setting's kernels profiled ``repeats`` times, the order of the settings rotated each pass (the first one
+    profiled ran slower even in kernels that do the same work in every setting): per kernel name the median over
+    passes, and each pass's total."""
+    names = list(steps)
+    passes: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for r in range(max(repeats, 1)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            passes[name].append(kernel_times(steps[name]))
+    medians = {name: {kernel: statistics.median(p.get(kernel, 0.0) for p in runs)
+                      for kernel in set().union(*runs)} for name, runs in passes.items()}
+    return medians, {name: [sum(p.values()) for p in runs] for name, runs in passes.items()}
 
 
 def kernel_times(step, steps: int = 5) -> dict[str, float]:

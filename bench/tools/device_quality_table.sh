@@ -3,7 +3,7 @@ set -uo pipefail
 # Device call of the quality runs (bench/notes/quality.md, "Getting the model onto the device"): join + prepare the
 # model once per warm machine, then up to three tables in parallel on the one GPU (each run is host-bound at this
 # model size), each resumable with --resume. Job A: the tweets' own text as Stage-2 corpus; B: the learning-rate
-# sweep; C: the docs-corpus row at seed 43; D: two epochs of Stage 3 (and of the teacher); E: BitNet-SFT at two
+# sweep; C: the docs-corpus row at seed 43; D: two epochs of Stage 3 (teacher at one); E: BitNet-SFT at two
 # epochs, D's baseline. $1 = minutes of budget, $2 = jobs.
 # Before it, one call carrying the folder with part 1 (first 50,000,000 bytes of the GGUF) and data.tgz runs:
 #   cp $PART1_DIR/part1 /tmp/part1 && tar xzf $PART1_DIR/data.tgz
@@ -41,10 +41,12 @@ python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET -
   --name smollm2-135m-tweets-docs-seed43 $BEST --set output_dir=outputs/tw-docs-s43 \
   --set "pretrain.corpus.files=[data/corpus/docs.jsonl]" > outputs/logs/C.log 2>&1 &
 fi
-# D: the same data seen twice: teacher and BitDistill's Stage 3 at 2 epochs of the 12,000 tweets (Stage 2 unchanged).
+# D: the same data seen twice in BitDistill's Stage 3 (2 epochs of the 12,000 tweets, Stage 2 unchanged). The teacher
+# stays at 1 epoch: at 2 it scored no higher, and 1 is the teacher of every other row. Run it alone on the GPU with the
+# budget bench/notes/quality.md gives.
 if [[ $JOBS == *D* ]]; then
 python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET --rows FP-SFT,BitDistill \
-  --name smollm2-135m-tweets-2epochs $BEST --set output_dir=outputs/tw-2ep --set sft.epochs=2 --set distill.epochs=2 \
+  --name smollm2-135m-tweets-2epochs-distill $BEST --set output_dir=outputs/tw-2ep-distill --set distill.epochs=2 \
   > outputs/logs/D.log 2>&1 &
 fi
 # E: BitNet-SFT at 2 epochs, the baseline D is held against.
