@@ -8,12 +8,13 @@ set -uo pipefail
 # Before it, one call carrying the folder with part 1 (first 50,000,000 bytes of the GGUF) and data.tgz runs:
 #   cp $PART1_DIR/part1 /tmp/part1 && tar xzf $PART1_DIR/data.tgz
 # This call carries $PART2_DIR (default .gpu2): part2 (the rest), gguf.sha256 and the gguf wheel.
-# Usage: BITKERNELS_GIT_COMMIT=<sha> bash bench/tools/device_quality_table.sh MINUTES JOBS   (JOBS: letters of A-E)
+# Usage: BITKERNELS_GIT_COMMIT=<sha> [EPOCHS=n] bash bench/tools/device_quality_table.sh MINUTES JOBS   (JOBS: A-E)
 : "${BITKERNELS_GIT_COMMIT:?set BITKERNELS_GIT_COMMIT to the commit being run (the device copy has no .git)}"
 P2=${PART2_DIR:-.gpu2}
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
 BUDGET=${1:-7.5}
 JOBS=${2:-ABC}
+EPOCHS=${EPOCHS:-2}   # Stage-3 / BitNet-SFT epochs of jobs D and E
 if [ ! -d /tmp/site/gguf ]; then pip install -q --no-deps --target /tmp/site $P2/gguf-*.whl || exit 11; fi
 if [ ! -f data/models/smollm2-135m/config.json ]; then
   cat /tmp/part1 $P2/part2 > /tmp/smol.gguf
@@ -41,19 +42,20 @@ python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET -
   --name smollm2-135m-tweets-docs-seed43 $BEST --set output_dir=outputs/tw-docs-s43 \
   --set "pretrain.corpus.files=[data/corpus/docs.jsonl]" > outputs/logs/C.log 2>&1 &
 fi
-# D: the same data seen twice in BitDistill's Stage 3 (2 epochs of the 12,000 tweets, Stage 2 unchanged). The teacher
+# D: the same data seen EPOCHS times (default 2) in BitDistill's Stage 3 (12,000 tweets, Stage 2 unchanged). The teacher
 # stays at 1 epoch: at 2 it scored no higher, and 1 is the teacher of every other row. Run it alone on the GPU with the
 # budget bench/notes/quality.md gives.
 if [[ $JOBS == *D* ]]; then
 python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET --rows FP-SFT,BitDistill \
-  --name smollm2-135m-tweets-2epochs-distill $BEST --set output_dir=outputs/tw-2ep-distill --set distill.epochs=2 \
+  --name smollm2-135m-tweets-${EPOCHS}epochs-distill $BEST --set output_dir=outputs/tw-${EPOCHS}ep-distill \
+  --set distill.epochs=$EPOCHS \
   > outputs/logs/D.log 2>&1 &
 fi
-# E: BitNet-SFT at 2 epochs, the baseline D is held against.
+# E: BitNet-SFT at EPOCHS epochs, the baseline D is held against.
 if [[ $JOBS == *E* ]]; then
 python bench/bench_quality.py --config $CFG --resume --time_budget_min $BUDGET --rows BitNet-SFT \
-  --name smollm2-135m-tweets-2epochs-bitnet-sft --set task.max_train_examples=12000 --set output_dir=outputs/tw-2ep-bn \
-  --set bitnet_sft.epochs=2 > outputs/logs/E.log 2>&1 &
+  --name smollm2-135m-tweets-${EPOCHS}epochs-bitnet-sft --set task.max_train_examples=12000 \
+  --set output_dir=outputs/tw-${EPOCHS}ep-bn --set bitnet_sft.epochs=$EPOCHS > outputs/logs/E.log 2>&1 &
 fi
 while sleep 30; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; \
   jobs -r | wc -l | grep -q '^0$' && break; done
