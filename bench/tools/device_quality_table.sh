@@ -3,7 +3,7 @@ set -uo pipefail
 # Device call of the quality runs (bench/notes/quality.md, "Getting the model onto the device"): join + prepare the
 # model once per warm machine, then up to three tables in parallel on the one GPU (each run is host-bound at this
 # model size), each resumable with --resume. Job A: the tweets' own text as Stage-2 corpus; B: the learning-rate
-# sweep; C: the docs-corpus row at seed 43; D: two epochs of Stage 3 (teacher at one); E: BitNet-SFT at two
+# sweep; C: the docs-corpus row at seed 43; D: EPOCHS epochs of Stage 3 (teacher at one); E: BitNet-SFT at EPOCHS
 # epochs, D's baseline. $1 = minutes of budget, $2 = jobs.
 # Before it, one call carrying the folder with part 1 (first 50,000,000 bytes of the GGUF) and data.tgz runs:
 #   cp $PART1_DIR/part1 /tmp/part1 && tar xzf $PART1_DIR/data.tgz
